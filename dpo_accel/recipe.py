@@ -1,0 +1,311 @@
+"""Typed recipe schema: YAML in, dotted overrides, strict validation, resolved YAML out.
+
+The dataclasses below are the documentation of every option: each field's comment says what it does.
+A recipe file groups keys by section (``model``, ``lora``, ``reference``, ``data``, ``loss``,
+``train``, ``eval``); key names follow TRL / alignment-handbook where such a name exists.
+
+Overrides on the command line: ``--set train.learning_rate=5e-6 --set lora.lora_r=8``; values are
+parsed as YAML (``true``, ``1e-5``, ``[q_proj, v_proj]``, ``null``). Unknown or mistyped keys stop
+the run at start-up with one line naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem a person must fix; the message is one line saying what and how."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = "smollm2-135m-instruct"  # HF dir, hub id, .gguf file, or the alias of the offline SmolLM2
+    gguf_file: Optional[str] = None  # GGUF file name inside model_name_or_path (de-quantised, cached as safetensors)
+    tokenizer_name_or_path: Optional[str] = None  # defaults to the model's own tokenizer
+    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype the policy weights are loaded in
+    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null (library default)
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing (less memory, ~30% slower)
+
+
+@dataclass
+class LoraConfig:
+    use_peft: bool = False  # wrap the policy with a LoRA adapter (peft)
+    lora_r: int = 16  # adapter rank
+    lora_alpha: int = 32  # scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05
+    lora_target_modules: Union[str, list] = "all-linear"  # "all-linear" or a list of module names
+    lora_modules_to_save: Optional[list] = None  # modules trained in full beside the adapter (e.g. [lm_head])
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "auto"  # auto | copy | adapter_off | precomputed | none (auto: adapter_off with LoRA, copy without, none for reference-free losses)
+    ref_model_name_or_path: Optional[str] = None  # reference weights if not the policy's starting point
+    dtype: Optional[str] = None  # dtype of a copied reference (defaults to model.dtype)
+    cache_dir: Optional[str] = None  # where precomputed reference log-probs are cached (default: <output_dir>/../.ref_cache)
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str = "data/arith_prefs"  # local dir / json / jsonl / parquet file, or a hub id
+    dataset_config: Optional[str] = None  # hub dataset configuration name
+    train_split: str = "train"
+    eval_split: Optional[str] = "eval"  # split used for held-out evaluation; null to carve one from train
+    eval_fraction: float = 0.0  # when eval_split is missing: fraction of train held out (seeded)
+    format: str = "auto"  # auto | explicit | conversational | implicit | hh | sft
+    max_length: int = 512  # prompt + answer tokens per sequence
+    max_prompt_length: int = 256  # prompt tokens kept before the answer
+    truncation_mode: str = "keep_end"  # keep_end | keep_start: which part of an over-long prompt is kept
+    max_train_samples: Optional[int] = None  # cap on training pairs (after shuffling with the seed)
+    max_eval_samples: Optional[int] = None
+    num_proc: Optional[int] = None  # datasets.map workers for tokenisation
+    group_by_length: bool = True  # length-grouped batches (shuffled mega-batches sorted by length)
+
+
+@dataclass
+class LossConfig:
+    loss_type: Union[str, list] = "sigmoid"  # one objective name, or a list combined with loss_weights
+    loss_weights: Optional[list] = None  # weights of a loss_type list (default: all 1.0)
+    beta: float = 0.1  # temperature of the implicit reward (DPO's beta)
+    label_smoothing: float = 0.0  # conservative DPO / robust DPO label-noise rate
+    reference_free: bool = False  # DPO against a uniform reference (no reference model is loaded)
+    ipo_token_average: bool = True  # IPO on per-token-averaged log-ratios (False: the original repo's summed form)
+    rpo_alpha: Optional[float] = None  # weight of an NLL term on chosen answers added to any objective (RPO)
+    simpo_gamma: float = 0.5  # SimPO target reward margin
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term
+    f_divergence_type: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 1.0  # alpha of alpha_divergence
+    use_weighting: bool = False  # WPO per-pair weights
+    discopop_tau: float = 0.05  # DiscoPOP mixing temperature
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    optimizer: str = "adamw"  # adamw | rmsprop (the original DPO work's choice)
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    per_device_train_batch_size: int = 4  # pairs per process per micro-batch
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # optimizer steps; overrides num_train_epochs when > 0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    lr_scheduler_type: str = "linear"  # linear | cosine | constant (all after warmup)
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16; null: the launch config's choice
+    logging_steps: int = 1
+    eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
+    save_steps: int = 0  # checkpoint every N optimizer steps (0: none)
+    save_total_limit: int = 2  # checkpoints kept
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers through Accelerate
+    export_merged: bool = True  # with LoRA: also save the merged full model at the end
+    logps_chunk_size: int = 1024  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
+    padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
+
+
+@dataclass
+class EvalConfig:
+    do_eval: bool = True  # held-out preference metrics (eval/*)
+    generation_prompts: int = 0  # held-out prompts generated by policy before and after training (0: none)
+    max_new_tokens: int = 48
+    behaviour: Optional[str] = None  # a task scorer for generations, e.g. "arith"
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "reference.mode": ("auto", "copy", "adapter_off", "precomputed", "none"),
+    "data.format": ("auto", "explicit", "conversational", "implicit", "hh", "sft"),
+    "data.truncation_mode": ("keep_end", "keep_start"),
+    "loss.f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+    "train.optimizer": ("adamw", "rmsprop"),
+    "train.lr_scheduler_type": ("linear", "cosine", "constant"),
+    "train.mixed_precision": (None, "no", "bf16", "fp16"),
+}
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    leaf = key.split(".")[-1]
+    by_leaf = [c for c in candidates if c.split(".")[-1] == leaf]
+    close = by_leaf or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5) or difflib.get_close_matches(
+        leaf, [c.split(".")[-1] for c in candidates], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    hit = close[0] if "." in close[0] else next(c for c in candidates if c.endswith("." + close[0]))
+    return f"; did you mean '{hit}'?"
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(path, value, a)
+            except RecipeError as e:
+                errors.append(e)
+        raise errors[0]
+    if hint is Any:
+        return value
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe key '{path}' must be a list, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise RecipeError(
+            f"recipe key '{path}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str, candidates: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise RecipeError(f"unknown recipe key '{path}'{_suggest(path, candidates)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe section '{path}' must be a mapping of keys, got {value!r}")
+            kwargs[key] = _build(hint, value, path + ".", candidates)
+        else:
+            kwargs[key] = _coerce(path, value, hint)
+    return cls(**kwargs)
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. 'train.learning_rate'."""
+    keys = []
+    for section, cls in typing.get_type_hints(Recipe).items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.learning_rate=1e-5' -> ('train.learning_rate', 1e-05); the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like section.key=value, e.g. train.learning_rate=1e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    keys = all_keys()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in keys:
+            raise RecipeError(f"unknown recipe key '{key}' in override '{text}'{_suggest(key, keys)}")
+        section, leaf = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise RecipeError(f"recipe section '{section}' must be a mapping of keys")
+        raw[section][leaf] = value
+    return raw
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Cross-field checks, each failing with one line that says what to change."""
+    for key, allowed in CHOICES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(recipe, section), leaf)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise RecipeError(f"recipe key '{key}' is {value!r}; choose one of: {shown}")
+    d, t, l = recipe.data, recipe.train, recipe.loss
+    if d.max_prompt_length >= d.max_length:
+        raise RecipeError(
+            f"data.max_prompt_length ({d.max_prompt_length}) must be smaller than data.max_length ({d.max_length})")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            raise RecipeError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise RecipeError("set train.max_steps > 0 or train.num_train_epochs > 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.learning_rate <= 0:
+        raise RecipeError(f"train.learning_rate must be positive, got {t.learning_rate}")
+    if not 0.0 <= l.label_smoothing < 0.5:
+        raise RecipeError(f"loss.label_smoothing must be in [0, 0.5), got {l.label_smoothing}")
+    if l.beta <= 0:
+        raise RecipeError(f"loss.beta must be positive, got {l.beta}")
+    if isinstance(l.loss_type, list) and l.loss_weights is not None and len(l.loss_weights) != len(l.loss_type):
+        raise RecipeError(
+            f"loss.loss_weights has {len(l.loss_weights)} entries for {len(l.loss_type)} loss types; give one weight per type")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise RecipeError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if recipe.reference.mode == "adapter_off" and not recipe.lora.use_peft:
+        raise RecipeError("reference.mode 'adapter_off' needs lora.use_peft: true (or use reference.mode: copy)")
+    if recipe.lora.use_peft and recipe.lora.lora_r < 1:
+        raise RecipeError(f"lora.lora_r must be at least 1, got {recipe.lora.lora_r}")
+    return recipe
+
+
+def recipe_from_dict(raw: Optional[dict]) -> Recipe:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe must be a YAML mapping of sections (model:, data:, train:, ...)")
+    return validate(_build(Recipe, raw, "", all_keys()))
+
+
+def load_recipe(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"recipe file '{path}' does not exist; pass --recipe recipes/<name>.yaml")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    return recipe_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: str) -> None:
+    """Write the fully resolved recipe (every default spelled out) so a run can be repeated exactly."""
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
