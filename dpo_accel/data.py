@@ -261,6 +261,8 @@ def _split_conversations(chosen: list, rejected: list, i: int, split: str) -> tu
     for col, conv in (("chosen", chosen), ("rejected", rejected)):
         if k == len(conv) or conv[k]["role"] != "assistant":
             raise _bad(i, split, col, "does not continue the shared prompt with an assistant message")
+        if not "".join(m["content"] for m in conv[k:]).strip():
+            raise _bad(i, split, col, "has an empty answer after the shared prompt")
     return chosen[:k], chosen[k:], rejected[k:]
 
 

@@ -67,7 +67,18 @@ def build_accelerator(recipe: Recipe):
                   project_config=project)
     if t.mixed_precision is not None:
         kwargs["mixed_precision"] = t.mixed_precision
+    if not has_accelerator_device():
+        # The multi-process launcher does not pass a config's `use_cpu` on; without it two CPU
+        # ranks would each run alone instead of forming one gloo group.
+        kwargs["cpu"] = True
     return Accelerator(**kwargs)
+
+
+def has_accelerator_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
 
 
 def build_data(accelerator, recipe: Recipe, tokenizer):

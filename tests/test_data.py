@@ -130,6 +130,8 @@ def test_bad_rows_and_columns_are_named(tmp_path):
         "row 1 of split 'train': column 'rejected' is empty")
     msg = _error(tmp_path, [{"prompt": [user("Hi")], "chosen": [{"role": "assistant"}], "rejected": [bot("x")]}])
     assert "row 0" in msg and "'chosen'" in msg and "'content'" in msg
+    msg = _error(tmp_path, [{"chosen": [user("Hi"), bot("Hello!")], "rejected": [user("Hi"), bot(" ")]}])
+    assert "row 0" in msg and "'rejected'" in msg and "empty answer" in msg
     msg = _error(tmp_path, [{"chosen": HH_PROMPT + " 4.", "rejected": HH_PROMPT + " "}])
     assert "row 0" in msg and "'rejected'" in msg and "empty" in msg
     msg = _error(tmp_path, [FORMAT_CASES["conversational"][0]], format="explicit")
