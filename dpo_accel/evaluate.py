@@ -4,6 +4,7 @@ Launch: evaluation runs inside ``dpo_accel/train.py`` every ``train.eval_steps``
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -27,37 +28,30 @@ def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dic
     return {f"eval/{k}": v for k, v in acc.means().items()}
 
 
-def format_prompt(tokenizer, prompt) -> str:
-    """The prompt as the model sees it in training: a user turn in the chat template when there is one."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16,
                      autocast=None) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped) for `prompts`, left-padded in batches."""
+    """Greedy answers (decoded, special tokens dropped) for `prompts`, tokenised exactly as in
+    training (`data.prompt_input_ids`) and left-padded in batches."""
+    from dpo_accel.data import prompt_input_ids
+
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
     model.config.use_cache = True
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     answers = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
-            with ctx:
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            rows = [prompt_input_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
         model.config.use_cache = use_cache
         model.train(was_training)
     return [a.strip() for a in answers]
@@ -76,7 +70,9 @@ def behaviour_scores(name: Optional[str], prompts: list, answers: list[str]) -> 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
     """A markdown table of held-out measures, policy before vs after training."""
-    keys = [k for k in after if k in before]
+    keys = [k for k in after if k in before and k != "n"]
     rows = ["| held-out measure | before | after |", "| --- | ---: | ---: |"]
+    if "n" in after:
+        rows[0] = f"| held-out measure ({int(after['n'])} generations) | before | after |"
     rows += [f"| {k} | {before[k]:.3f} | {after[k]:.3f} |" for k in keys]
     return "\n".join(rows)

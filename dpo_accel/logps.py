@@ -107,6 +107,13 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _unwrap_for_config(model: torch.nn.Module) -> torch.nn.Module:
+    """Whatever carries `.config` (the naive path calls the model itself, wrappers included)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _logit_transform(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The function the model's causal-LM forward applies after the LM head, from its config."""
     model_type = getattr(config, "model_type", None)
@@ -162,7 +169,7 @@ def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
     """Chunked `_chunk_logps` over [N, H]; each chunk is checkpointed so its [chunk, V] logits are
     recomputed in backward instead of kept."""
     outs = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):  # one empty chunk when no label: zeros, in the graph
         args = (head, transform, wpo, hidden[start:start + chunk_size], targets[start:start + chunk_size])
         if torch.is_grad_enabled():
             outs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
@@ -248,13 +255,6 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         if R > n_chosen:
             out["rejected_wpo_logps"] = means[n_chosen:]
     return out
-
-
-def _unwrap_for_config(model: torch.nn.Module) -> torch.nn.Module:
-    """Whatever carries `.config` (the naive path calls the model itself, wrappers included)."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 class PreferenceLogpsModel(torch.nn.Module):

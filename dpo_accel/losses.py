@@ -9,8 +9,8 @@ Notation used in the formulas and docstrings (all ``[B]``):
 - ``π_w, π_l``: policy log-probs of the chosen (winning) and rejected (losing) answers;
   ``ref_w, ref_l`` the same under the reference model; ``π̄`` a per-token mean instead of a sum.
 - ``c = π_w - ref_w`` and ``r = π_l - ref_l``: the log-ratios; ``h = c - r``: DPO's margin.
-  Objectives that read ``f_divergence_type`` use ``h = f'(c) - f'(r)`` (f-DPO); with the default
-  ``reverse_kl`` that is the plain ``c - r``.
+  Objectives that read ``f_divergence_type`` use ``h = f'(e^c) - f'(e^r)`` (f-DPO, f' at the
+  probability ratio u = π/π_ref); with the default ``reverse_kl`` that is the plain ``c - r``.
 
 Three entry points:
 
@@ -62,7 +62,7 @@ class Pair:
 
     ``ref_chosen``/``ref_rejected`` are zeros when no reference is used (reference-free DPO), and
     objectives registered with ``needs_reference=False`` never read them. ``delta`` is the margin
-    ``h``: ``c - r``, or ``f'(c) - f'(r)`` for objectives that read ``f_divergence_type``.
+    ``h``: ``c - r``, or ``f'(e^c) - f'(e^r)`` for objectives that read ``f_divergence_type``.
     """
 
     chosen: Tensor
@@ -88,7 +88,10 @@ class LossSpec:
     named in ``hyperparameters`` (so the README table cannot claim a knob the code ignores, or miss
     one it reads). ``logps`` is the per-sequence log-prob the objective consumes: "sum" over the
     answer's label tokens or per-token "mean"; ``logps_toggle`` names a boolean LossConfig field that,
-    when False, switches a "mean" objective to sums (IPO's ``ipo_token_average``).
+    when False, switches a "mean" objective to sums (IPO's ``ipo_token_average``). ``pairwise`` is False
+    for objectives whose ``losses[i]`` is a batch quantile rather than pair i's loss (AOT sorts the batch);
+    ``needs_rejected`` is False for objectives that read only the chosen answer (SFT), which therefore also
+    run on sft-format data that has no rejected answers.
     """
 
     name: str
@@ -99,6 +102,8 @@ class LossSpec:
     needs_reference: bool
     logps: str
     logps_toggle: Optional[str] = None
+    pairwise: bool = True
+    needs_rejected: bool = True
 
     def unit(self, cfg: Any) -> str:
         if self.logps_toggle is not None and not _get(cfg, self.logps_toggle):
@@ -130,14 +135,16 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def _objective(name: str, *, formula: str, paper: str, hyperparameters: tuple[str, ...],
-               needs_reference: bool = True, logps: str = "sum", logps_toggle: Optional[str] = None):
+               needs_reference: bool = True, logps: str = "sum", logps_toggle: Optional[str] = None,
+               pairwise: bool = True, needs_rejected: bool = True):
     """Register ``fn`` under ``name``; the registry is the single source of the table and the dispatch."""
     unknown = [h for h in hyperparameters if h not in _DEFAULTS]
     if unknown or logps not in UNITS or name in LOSSES or "|" in formula:
         raise RuntimeError(f"bad registration of objective {name!r}")  # programming error, caught by tests
 
     def register(fn: Callable[[Pair, Any], Terms]) -> Callable[[Pair, Any], Terms]:
-        LOSSES[name] = LossSpec(name, fn, formula, paper, hyperparameters, needs_reference, logps, logps_toggle)
+        LOSSES[name] = LossSpec(name, fn, formula, paper, hyperparameters, needs_reference, logps, logps_toggle,
+                                pairwise, needs_rejected)
         return fn
 
     return register
@@ -329,7 +336,7 @@ AOT_PAPER = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via
 
 
 @_objective("aot", formula="-(1-ε) log σ(βd) - ε log σ(-βd), d = sort(π_w - π_l) - sort(ref_w - ref_l)",
-            paper=AOT_PAPER, hyperparameters=("beta", "label_smoothing"))
+            paper=AOT_PAPER, hyperparameters=("beta", "label_smoothing"), pairwise=False)
 def aot(p: Pair, hp: Any) -> Terms:
     """AOT (paired), Eq. 9: a smooth logistic loss on the difference of the sorted policy and reference
     log-ratio margins over the batch, i.e. first-order stochastic dominance of the policy's margin
@@ -340,7 +347,7 @@ def aot(p: Pair, hp: Any) -> Terms:
 
 
 @_objective("aot_unpaired", formula="-(1-ε) log σ(βd) - ε log σ(-βd), d = sort(c) - sort(r)",
-            paper=AOT_PAPER, hyperparameters=("beta", "label_smoothing"))
+            paper=AOT_PAPER, hyperparameters=("beta", "label_smoothing"), pairwise=False)
 def aot_unpaired(p: Pair, hp: Any) -> Terms:
     """AOT (unpaired), Eq. 8: the chosen log-ratio distribution should dominate the rejected one; the
     sorted chosen and rejected log-ratios are compared quantile by quantile. ``losses[i]`` is quantile i.
@@ -378,7 +385,7 @@ def orpo(p: Pair, hp: Any) -> Terms:
 @_objective("sft", formula="-π̄_w", paper=(
     "maximum likelihood on the chosen answer; the generation term of MPO, Wang et al. 2024, Enhancing the "
     "Reasoning Ability of Multimodal Large Language Models via Mixed Preference Optimization (arXiv:2411.10442)"),
-    hyperparameters=(), needs_reference=False, logps="mean")
+    hyperparameters=(), needs_reference=False, logps="mean", needs_rejected=False)
 def sft(p: Pair, hp: Any) -> Terms:
     """Supervised fine-tuning on the chosen answer: the per-token negative log-likelihood -1/|y_w| log π(y_w|x).
 
@@ -450,7 +457,7 @@ def _plan(cfg: Any) -> list[tuple[LossSpec, float]]:
         raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {eps}")
     if "exo_pair" in names and eps <= 0.0:
         raise ValueError("loss_type 'exo_pair' needs loss.label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if "discopop" in names and not _get(cfg, "discopop_tau") > 0:
+    if any("discopop_tau" in LOSSES[n].hyperparameters for n in names) and not _get(cfg, "discopop_tau") > 0:
         raise ValueError(f"loss.discopop_tau must be positive, got {_get(cfg, 'discopop_tau')}")
     fdiv = _get(cfg, "f_divergence_type")
     if fdiv not in F_DIVERGENCES:
@@ -458,7 +465,7 @@ def _plan(cfg: Any) -> list[tuple[LossSpec, float]]:
     rpo = _get(cfg, "rpo_alpha")
     if rpo is not None and not (isinstance(rpo, (int, float)) and rpo >= 0):
         raise ValueError(f"loss.rpo_alpha must be null or a number >= 0, got {rpo!r}")
-    sorting = [n for n in names if n.startswith("aot")]
+    sorting = [n for n in names if not LOSSES[n].pairwise]
     if _get(cfg, "use_weighting") and sorting:
         raise ValueError(f"loss.use_weighting (WPO) cannot weight '{sorting[0]}': it sorts the batch, so its "
                          "losses are not per pair; drop one of them")
@@ -495,7 +502,11 @@ def validate_loss_config(cfg: Any) -> None:
 def needs_reference(cfg: Any) -> bool:
     """True when some objective of ``cfg`` reads reference log-probs (and ``reference_free`` is off):
     the loop loads/runs a reference model exactly then."""
-    return not _get(cfg, "reference_free") and any(spec.needs_reference for spec, _ in _plan(cfg))
+    return _needs_reference(cfg, _plan(cfg))
+
+
+def _needs_reference(cfg: Any, plan: list[tuple[LossSpec, float]]) -> bool:
+    return not _get(cfg, "reference_free") and any(spec.needs_reference for spec, _ in plan)
 
 
 def uses_wpo(cfg: Any) -> bool:
@@ -573,7 +584,8 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
     policy: [B] tensors from the log-prob module: ``chosen_logps``/``rejected_logps`` (sums over label
         tokens, float32), ``chosen_tokens``/``rejected_tokens`` (label-token counts), and with
         ``use_weighting`` ``chosen_wpo_logps``/``rejected_wpo_logps`` (per-token means of
-        log p_t - log Σ_v p_v², TRL's WPO alignment).
+        log p_t - log Σ_v p_v², TRL's WPO alignment). The ``rejected_*`` keys may be absent (sft-format
+        data) when every objective reads only the chosen answer; ``rejected_rewards`` are then zeros.
     reference: the same two ``*_logps`` keys under the reference model, or None; None is accepted
         exactly when ``needs_reference(cfg)`` is False (a given reference is then ignored).
 
@@ -581,23 +593,31 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
     clamp(exp(ω_w + ω_l), max=1) (detached) when ``use_weighting``; the order TRL 0.x uses.
     """
     plan = _plan(cfg)
-    with_reference = needs_reference(cfg)
+    with_reference = _needs_reference(cfg, plan)
     c = _tensor(policy, "chosen_logps", "policy", "summed log-probs of the chosen answers")
-    r = _tensor(policy, "rejected_logps", "policy", "summed log-probs of the rejected answers")
+    has_rejected = "rejected_logps" in policy
+    if not has_rejected:
+        pairwise = [s.name for s, _ in plan if s.needs_rejected]
+        if pairwise:
+            raise ValueError(f"loss_type '{pairwise[0]}' compares chosen with rejected answers but the batch has "
+                             "none (sft-format data?); use loss_type: sft or a preference dataset")
+    r = policy["rejected_logps"] if has_rejected else torch.zeros_like(c)
     if with_reference:
         if reference is None:
             names = ", ".join(s.name for s, _ in plan if s.needs_reference)
             raise ValueError(f"loss_type {names} needs reference log-probs but reference is None; "
                              "run a reference model (reference.mode) or set loss.reference_free: true")
-        rc = _tensor(reference, "chosen_logps", "reference", "needed by the loss").to(c.dtype)
-        rr = _tensor(reference, "rejected_logps", "reference", "needed by the loss").to(c.dtype)
+        # Detached: a reference computed by the policy itself (adapter switched off) must pass no gradient.
+        rc = _tensor(reference, "chosen_logps", "reference", "needed by the loss").detach().to(c.dtype)
+        rr = _tensor(reference, "rejected_logps", "reference", "needed by the loss").detach().to(c.dtype)
     else:
         rc, rr = torch.zeros_like(c), torch.zeros_like(r)
     needs_tokens = _get(cfg, "rpo_alpha") is not None or any(s.unit(cfg) == "mean" for s, _ in plan)
     tokens = (None, None)
     if needs_tokens:
         why = "per-token means are needed by the loss"
-        tokens = (_tensor(policy, "chosen_tokens", "policy", why), _tensor(policy, "rejected_tokens", "policy", why))
+        tokens = (_tensor(policy, "chosen_tokens", "policy", why),
+                  _tensor(policy, "rejected_tokens", "policy", why) if has_rejected else torch.ones_like(c))
     logps = _Logps(c, r, rc, rr, *tokens)
 
     losses, metrics = _evaluate(cfg, plan, logps)
@@ -608,8 +628,9 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
         metrics["nll"] = nll
     if uses_wpo(cfg):
         why = "use_weighting needs the WPO log-probs"
-        omega = (_tensor(policy, "chosen_wpo_logps", "policy", why)
-                 + _tensor(policy, "rejected_wpo_logps", "policy", why))
+        omega = _tensor(policy, "chosen_wpo_logps", "policy", why)
+        if has_rejected:
+            omega = omega + _tensor(policy, "rejected_wpo_logps", "policy", why)
         weight = torch.exp(omega.detach().to(losses.dtype)).clamp(max=1.0)
         losses = losses * weight
         metrics["wpo_weight"] = weight
@@ -646,12 +667,12 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     cfg = dataclasses.replace(LossConfig(), loss_type="ipo" if ipo else (loss_type or "sigmoid"), beta=beta,
                               label_smoothing=label_smoothing, reference_free=reference_free, **hparams)
     plan = _plan(cfg)
-    with_reference = needs_reference(cfg)
+    with_reference = _needs_reference(cfg, plan)
     c, r = policy_chosen_logps, policy_rejected_logps
     if with_reference:
         if reference_chosen_logps is None or reference_rejected_logps is None:
             raise ValueError(f"loss_type {cfg.loss_type!r} needs reference log-probs; pass them or reference_free=True")
-        rc, rr = reference_chosen_logps.to(c.dtype), reference_rejected_logps.to(c.dtype)
+        rc, rr = reference_chosen_logps.detach().to(c.dtype), reference_rejected_logps.detach().to(c.dtype)
     else:
         rc, rr = torch.zeros_like(c), torch.zeros_like(r)
     logps = _Logps(c, r, rc, rr)

@@ -97,13 +97,13 @@ def build_data(accelerator, recipe: Recipe, tokenizer):
 def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int):
     from torch.utils.data import DataLoader, RandomSampler
 
-    from dpo_accel.data import LengthGroupedSampler, PreferenceCollator
+    from dpo_accel.data import LengthGroupedSampler, PreferenceCollator, sequence_lengths
 
     t, d = recipe.train, recipe.data
     collator = PreferenceCollator(tokenizer.pad_token_id)
     train = tokenized["train"]
     if d.group_by_length:
-        lengths = [max(len(c), len(r)) for c, r in zip(train["chosen_input_ids"], train["rejected_input_ids"])]
+        lengths = sequence_lengths(train)
         # Grouped by the GLOBAL batch, so 2 processes x 2 pairs see the same pairs as 1 x 4.
         sampler = LengthGroupedSampler(lengths, t.per_device_train_batch_size * num_processes, seed=t.seed)
     else:

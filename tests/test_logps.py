@@ -320,3 +320,17 @@ def test_bad_batches_and_unknown_models_fail_with_one_line():
     with pytest.raises(ValueError, match="not verified for model type 'gpt2'"):
         concatenated_logps(gpt2, batch)
     assert concatenated_logps(gpt2, batch, naive=True)["chosen_logps"].shape == (3,)
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_rows_without_labels_give_zero(naive):
+    model = tiny_llama()
+    batch = make_batch(seed=13)
+    batch["chosen_labels"][1] = -100
+    out = concatenated_logps(model, batch, naive=naive, wpo=True, chunk_size=4)
+    assert out["chosen_logps"][1] == 0 and out["chosen_tokens"][1] == 0 and out["chosen_wpo_logps"][1] == 0
+    assert (out["chosen_logps"][[0, 2]] < 0).all()
+    none = {k: (torch.full_like(v, -100) if k.endswith("_labels") else v) for k, v in batch.items()}
+    empty = concatenated_logps(model, none, naive=naive, chunk_size=4)
+    assert (empty["chosen_logps"] == 0).all() and (empty["rejected_tokens"] == 0).all()
+    weighted_loss(empty).backward()  # still a graph: a step on such a batch is a no-op, not a crash

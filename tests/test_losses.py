@@ -230,8 +230,8 @@ def test_objective_gradients_are_finite_float32(name):
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_objective_is_finite_on_extreme_inputs(name):
     """Margins of ±1000 nats and near-certain answers (ORPO's odds at P -> 1) stay finite in float32."""
-    pw = torch.tensor([-1.0, -3000.0, -1e-7, -50.0], requires_grad=True)
-    pl = torch.tensor([-3000.0, -1.0, -2.0, -1e-7], requires_grad=True)
+    pw = torch.tensor([-1.0, -3000.0, 0.0, -50.0], requires_grad=True)
+    pl = torch.tensor([-3000.0, -1.0, -2.0, -0.0], requires_grad=True)
     policy = {"chosen_logps": pw, "rejected_logps": pl, "chosen_tokens": torch.tensor([1.0, 30, 1, 5]),
               "rejected_tokens": torch.tensor([30.0, 1, 1, 1])}
     reference = {"chosen_logps": torch.tensor([-1000.0, -1.0, -900.0, -1.0]),
@@ -393,6 +393,30 @@ def test_f_divergence_dpo(kind, alpha):
     close(compute_objective(ipo_cfg, policy, reference).losses, [(x - 1 / 0.8) ** 2 for x in h_mean])
 
 
+# TRL 1.x allows an f-divergence exactly for the objectives that only see the margin h (plus SFT, which ignores it).
+MARGIN_OBJECTIVES = {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop"}
+
+
+def test_f_divergence_is_declared_by_the_margin_objectives():
+    assert {n for n, s in LOSSES.items() if "f_divergence_type" in s.hyperparameters} == MARGIN_OBJECTIVES
+
+
+@pytest.mark.parametrize("kind,alpha", [("js_divergence", 1.0), ("alpha_divergence", 0.5)])
+@pytest.mark.parametrize("name", sorted(MARGIN_OBJECTIVES))
+def test_f_divergence_replaces_the_margin_of(name, kind, alpha):
+    b = make_batch(seed=16)
+    policy, reference = dicts(b)
+    cfg = cfg_for(name, f_divergence_type=kind, f_alpha_divergence_coef=alpha)
+    validate_loss_config(cfg)
+    transformed = []
+    for e in examples(b):
+        fc, fr = f_prime(kind, math.exp(e["c"]), alpha), f_prime(kind, math.exp(e["r"]), alpha)
+        f_mean = (f_prime(kind, math.exp(e["mw"] - e["mrw"]), alpha)
+                  - f_prime(kind, math.exp(e["ml"] - e["mrl"]), alpha))
+        transformed.append(dict(e, c=fc, r=fr, h=fc - fr, h_mean=f_mean))
+    close(compute_objective(cfg, policy, reference).losses, [PER_PAIR[name](e, cfg) for e in transformed])
+
+
 def test_alpha_divergence_limits():
     b = make_batch(seed=10)
     policy, reference = dicts(b)
@@ -475,6 +499,20 @@ def test_reference_needing_objective_without_reference_is_a_clear_error(loss_typ
     assert "\n" not in message and "reference is None" in message and "reference_free" in message
 
 
+def test_sft_runs_on_data_without_rejected_answers():
+    b = make_batch(seed=17)
+    policy, _ = dicts(b)
+    for key in ("rejected_logps", "rejected_tokens"):
+        del policy[key]
+    for cfg in (LossConfig(loss_type="sft"), LossConfig(loss_type="sft", rpo_alpha=0.5)):
+        out = compute_objective(cfg, policy, None)
+        nll = [-e["mw"] for e in examples(b)]
+        close(out.losses, [n * (1.5 if cfg.rpo_alpha else 1.0) for n in nll])
+        assert torch.equal(out.rejected_rewards, torch.zeros(B, dtype=torch.float64))
+    with pytest.raises(ValueError, match="loss_type 'simpo' compares chosen with rejected answers"):
+        compute_objective(LossConfig(loss_type=["sft", "simpo"]), policy, None)
+
+
 def test_long_token_counts_and_float32_inputs():
     b = make_batch(seed=14)
     policy, reference = dicts(b, dtype=torch.float32)
@@ -519,6 +557,8 @@ def test_registry_reference_flags():
     free = {n for n, s in LOSSES.items() if not s.needs_reference}
     assert free == {"simpo", "orpo", "sft"}
     assert {n for n, s in LOSSES.items() if s.logps == "mean"} == {"ipo", "simpo", "orpo", "sft"}
+    assert {n for n, s in LOSSES.items() if not s.pairwise} == {"aot", "aot_unpaired"}
+    assert {n for n, s in LOSSES.items() if not s.needs_rejected} == {"sft"}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_lora_run_writes_metrics_checkpoints_and_loadable_models(tiny_model_dir,
     assert ckpts == ["checkpoint-0000003", "checkpoint-0000004"]  # save_total_limit 2
     assert os.path.isfile(os.path.join(out, "recipe.yaml"))
     assert summary["behaviour"]["before"].keys() == summary["behaviour"]["after"].keys()
-    assert "| held-out measure |" in summary["table"]
+    assert "| held-out measure (2 generations) | before | after |" in summary["table"]
 
     # The merged model and base + adapter give the same log-probs; both load with from_pretrained.
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).eval()
