@@ -211,8 +211,8 @@ def dpo_sigmoid(p: Pair, hp: Any) -> Terms:
 def ipo(p: Pair, hp: Any) -> Terms:
     """IPO, Eq. 17: (h_π(y_w, y_l, x) - τ⁻¹/2)² with h_π = log[π(y_w) π_ref(y_l) / (π(y_l) π_ref(y_w))], τ = β.
 
-    By default h is built from per-token mean log-probs (TRL; the IPO authors confirmed that their
-    results use this normalisation); ``ipo_token_average: false`` gives the original DPO repo's form
+    By default h is built from per-token mean log-probs (TRL's choice, which TRL reports the IPO
+    authors confirmed matches their results); ``ipo_token_average: false`` gives the original DPO repo's form
     on summed log-probs. With an f-divergence, f' is applied to the mean log-ratio (TRL applies it to
     the summed one and then divides by the length; the two agree for reverse_kl).
     """
@@ -223,7 +223,7 @@ def ipo(p: Pair, hp: Any) -> Terms:
     "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (arXiv:2305.10425)"),
     hyperparameters=("beta", "f_divergence_type"))
 def hinge(p: Pair, hp: Any) -> Terms:
-    """SLiC-HF calibration loss, Eq. 2: max(0, δ - log P_θ(y+|x) + log P_θ(y-|x)).
+    """SLiC-HF rank calibration loss: max(0, δ - log P_θ(y+|x) + log P_θ(y-|x)).
 
     As in TRL: on reference log-ratios (h) instead of raw log-probs, with the margin δ = 1/β and the
     whole loss scaled by β: relu(1 - βh).
@@ -235,7 +235,7 @@ def hinge(p: Pair, hp: Any) -> Terms:
     "Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy Feedback (arXiv:2403.00409)"),
     hyperparameters=("beta", "label_smoothing", "f_divergence_type"))
 def robust(p: Pair, hp: Any) -> Terms:
-    """Robust DPO (rDPO), Eq. 8: [(1-ε) L(βh) - ε L(-βh)] / (1-2ε) with L(z) = -log σ(z), ε = label-noise rate.
+    """Robust DPO (rDPO): [(1-ε) L(βh) - ε L(-βh)] / (1-2ε) with L(z) = -log σ(z), ε = label-noise rate.
 
     Unlike cDPO this is an unbiased estimate of the clean-label DPO loss; ε must lie in [0, 0.5).
     """
@@ -261,7 +261,7 @@ def exo_pair(p: Pair, hp: Any) -> Terms:
     "Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (arXiv:2404.04656)"),
     hyperparameters=("beta",))
 def bco_pair(p: Pair, hp: Any) -> Terms:
-    """BCO, Eq. 8 on pairs: -log σ(r_θ(x, y_w) - δ) - log σ(-(r_θ(x, y_l) - δ)), r_θ = β log π/π_ref.
+    """BCO on pairs: -log σ(r_θ(x, y_w) - δ) - log σ(-(r_θ(x, y_l) - δ)), r_θ = β log π/π_ref.
 
     The paper's reward shift δ is a running mean of rewards; TRL 1.x's bco_pair (and this one) uses
     δ = 0, which keeps the loss a pure function of the batch.
@@ -285,8 +285,9 @@ def sppo_hard(p: Pair, hp: Any) -> Terms:
     "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards (arXiv:2402.05369)"),
     hyperparameters=("beta",))
 def nca_pair(p: Pair, hp: Any) -> Terms:
-    """NCA for pairs (Eq. 12 with K = 2 and a winner-takes-all label): -log σ(r_w) - ½ Σ_y log σ(-r_y),
-    r_y = β log π(y)/π_ref(y). Unlike DPO it pins the absolute chosen reward, so chosen likelihood cannot collapse.
+    """NCA for pairs (K = 2 responses, a winner-takes-all label): -log σ(r_w) - ½ Σ_y log σ(-r_y),
+    r_y = β log π(y)/π_ref(y). Unlike DPO it rewards the chosen answer's own log-ratio, not only the margin,
+    which discourages the chosen likelihood from falling along with the rejected one.
     """
     zc, zr = hp.beta * p.chosen_logratio, hp.beta * p.rejected_logratio
     return -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr), {}
@@ -338,7 +339,7 @@ AOT_PAPER = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via
 @_objective("aot", formula="-(1-ε) log σ(βd) - ε log σ(-βd), d = sort(π_w - π_l) - sort(ref_w - ref_l)",
             paper=AOT_PAPER, hyperparameters=("beta", "label_smoothing"), pairwise=False)
 def aot(p: Pair, hp: Any) -> Terms:
-    """AOT (paired), Eq. 9: a smooth logistic loss on the difference of the sorted policy and reference
+    """AOT (paired): a smooth logistic loss on the difference of the sorted policy and reference
     log-ratio margins over the batch, i.e. first-order stochastic dominance of the policy's margin
     distribution over the reference's. ``losses[i]`` belongs to the i-th quantile, not to pair i.
     """
@@ -349,7 +350,7 @@ def aot(p: Pair, hp: Any) -> Terms:
 @_objective("aot_unpaired", formula="-(1-ε) log σ(βd) - ε log σ(-βd), d = sort(c) - sort(r)",
             paper=AOT_PAPER, hyperparameters=("beta", "label_smoothing"), pairwise=False)
 def aot_unpaired(p: Pair, hp: Any) -> Terms:
-    """AOT (unpaired), Eq. 8: the chosen log-ratio distribution should dominate the rejected one; the
+    """AOT (unpaired): the chosen log-ratio distribution should dominate the rejected one; the
     sorted chosen and rejected log-ratios are compared quantile by quantile. ``losses[i]`` is quantile i.
     """
     d = torch.sort(p.chosen_logratio).values - torch.sort(p.rejected_logratio).values
