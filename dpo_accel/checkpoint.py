@@ -77,6 +77,8 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
     (adapter merged into the base). Without LoRA: ``<output_dir>/model``. Each directory also holds
     the tokenizer and the resolved recipe, and appears atomically.
     """
+    from dpo_accel.distributed import gathered_copy, is_sharded
+
     wrapper = accelerator.unwrap_model(model)  # the PreferenceLogpsModel given to prepare()
     unwrapped = wrapper.model
     # Gathers sharded (FSDP / ZeRO-3) weights onto the main process; keys lose the wrapper's prefix.
@@ -86,6 +88,8 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return written
+    if is_sharded(unwrapped):  # FSDP2 / ZeRO-3: save and merge a plain CPU copy of the gathered weights
+        unwrapped, state_dict = gathered_copy(unwrapped, state_dict), None
     targets = []
     if hasattr(unwrapped, "peft_config"):
         targets.append(("adapter", lambda d: unwrapped.save_pretrained(d, state_dict=state_dict)))

@@ -40,7 +40,7 @@ from dpo_accel.recipe import LossConfig
 
 __all__ = [
     "LOSSES", "F_DIVERGENCES", "LossSpec", "LossOutput", "Pair", "compute_objective", "loss_table_markdown",
-    "needs_reference", "preference_loss", "uses_wpo", "validate_loss_config",
+    "needs_reference", "needs_rejected", "preference_loss", "uses_wpo", "validate_loss_config",
 ]
 
 Terms = tuple[Tensor, dict]  # (per-example losses [B], extra per-example metrics {name: [B]})
@@ -508,6 +508,13 @@ def needs_reference(cfg: Any) -> bool:
 
 def _needs_reference(cfg: Any, plan: list[tuple[LossSpec, float]]) -> bool:
     return not _get(cfg, "reference_free") and any(spec.needs_reference for spec, _ in plan)
+
+
+def needs_rejected(cfg: Any) -> bool:
+    """True when the loss reads the rejected answers' log-probs: some objective compares chosen with
+    rejected, or WPO weights the pair by both. False for ``sft`` alone, so the loop skips the rejected
+    half of the forward when it trains sft on preference data (prompt -> chosen)."""
+    return uses_wpo(cfg) or any(spec.needs_rejected for spec, _ in _plan(cfg))
 
 
 def uses_wpo(cfg: Any) -> bool:

@@ -12,17 +12,24 @@ import torch
 
 
 def example_metrics(out, policy: dict) -> dict[str, torch.Tensor]:
-    """[B] tensors for one micro-batch from a LossOutput and the policy's log-probs."""
-    m = {
-        "loss": out.losses.detach().float(),
-        "rewards/chosen": out.chosen_rewards.detach().float(),
-        "rewards/rejected": out.rejected_rewards.detach().float(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).detach().float(),
-        "logps/chosen": policy["chosen_logps"].detach().float(),
-    }
+    """[B] tensors for one micro-batch from a LossOutput and the policy's log-probs.
+
+    With a rejected side: loss, rewards (chosen, rejected, margins, accuracies), summed log-probs and the
+    objective's extras (e.g. "nll" when an NLL term is in the loss). Without one (sft-format data, or sft
+    training that skipped the rejected forward) rewards compare nothing, so they are left out and "nll",
+    the per-token NLL of the chosen answer, is reported instead.
+    """
+    m = {"loss": out.losses.detach().float(), "logps/chosen": policy["chosen_logps"].detach().float()}
     if "rejected_logps" in policy:
-        m["logps/rejected"] = policy["rejected_logps"].detach().float()
+        m.update({
+            "rewards/chosen": out.chosen_rewards.detach().float(),
+            "rewards/rejected": out.rejected_rewards.detach().float(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).detach().float(),
+            "logps/rejected": policy["rejected_logps"].detach().float(),
+        })
+    else:
+        m["nll"] = -(policy["chosen_logps"] / policy["chosen_tokens"].clamp(min=1)).detach().float()
     for key, value in out.metrics.items():
         m[key] = value.detach().float()
     return m

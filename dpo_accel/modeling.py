@@ -130,6 +130,10 @@ def load_causal_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None) -> 
     kwargs = dict(dtype=DTYPES[dtype or cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.load_in_4bit:  # QLoRA (speed.check_speed_options has refused it without CUDA or bitsandbytes)
+        from dpo_accel.speed import bnb_4bit_config
+
+        kwargs.update(quantization_config=bnb_4bit_config(cfg), device_map={"": torch.cuda.current_device()})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     disable_dropout(model)
@@ -148,9 +152,16 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
 
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, model_path: str) -> torch.nn.Module:
-    """The trainable policy: the HF model, with a LoRA adapter when `lora.use_peft`."""
+    """The trainable policy: the HF model (plus a merged `lora.init_adapter`), with a LoRA adapter when `lora.use_peft`."""
     model = load_causal_lm(model_path, model_cfg)
-    if model_cfg.gradient_checkpointing:
+    if lora_cfg.init_adapter:
+        model = merge_adapter(model, lora_cfg.init_adapter, model_path)
+    if model_cfg.load_in_4bit:  # norms to float32, input gradients on, checkpointing as asked (peft's QLoRA recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora_cfg.use_peft:
             model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
@@ -159,10 +170,34 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, model_path: str) -
     return model
 
 
-def load_frozen_copy(path: str, cfg: ModelConfig, dtype: Optional[str], device: torch.device) -> torch.nn.Module:
-    """A reference model: frozen, in eval mode, on this process's device, never wrapped by DDP."""
+def load_frozen_copy(path: str, cfg: ModelConfig, dtype: Optional[str], device: torch.device,
+                     init_adapter: Optional[str] = None) -> torch.nn.Module:
+    """A reference model: frozen, in eval mode, on this process's device, never wrapped by DDP.
+    ``init_adapter`` (lora.init_adapter) is merged in first, so the copy equals the policy's starting point."""
     model = load_causal_lm(path, cfg, dtype=dtype)
+    if init_adapter:
+        model = merge_adapter(model, init_adapter, path)
     return model.to(device).eval().requires_grad_(False)
+
+
+def merge_adapter(model: torch.nn.Module, adapter_dir: str, model_path: str) -> torch.nn.Module:
+    """Base weights + a trained LoRA adapter (``lora.init_adapter``), merged into plain weights.
+
+    Why merge rather than keep the adapter: the reference must be the policy's starting point (e.g. the SFT
+    model). A fresh adapter trained on the merged weights starts there, and switching it off (reference.mode
+    adapter_off) gives the merged weights again, not the bare base a still-attached adapter would fall back to.
+    """
+    import warnings
+
+    from peft import PeftModel
+
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        trained_on = json.load(f).get("base_model_name_or_path")
+    if trained_on and os.path.isdir(trained_on) and os.path.realpath(trained_on) != os.path.realpath(model_path):
+        warnings.warn(f"lora.init_adapter '{adapter_dir}' was trained on '{trained_on}', not on '{model_path}'")
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    disable_dropout(merged)
+    return merged
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

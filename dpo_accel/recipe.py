@@ -34,6 +34,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null (library default)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing (less memory, ~30% slower)
+    load_in_4bit: bool = False  # QLoRA: frozen base in 4-bit NF4 via bitsandbytes (CUDA only; needs lora.use_peft)
 
 
 @dataclass
@@ -44,6 +45,10 @@ class LoraConfig:
     lora_dropout: float = 0.05
     lora_target_modules: Union[str, list] = "all-linear"  # "all-linear" or a list of module names
     lora_modules_to_save: Optional[list] = None  # modules trained in full beside the adapter (e.g. [lm_head])
+    # A peft LoRA adapter dir (e.g. an SFT run's <output_dir>/adapter) merged into the base weights at load, so the
+    # policy AND every reference (adapter_off, copy, precomputed) start from base + that adapter; with use_peft a
+    # fresh adapter trains on top. The exported adapter/ is then relative to the merged weights: deploy model/.
+    init_adapter: Optional[str] = None
 
 
 @dataclass
@@ -113,6 +118,9 @@ class TrainConfig:
     export_merged: bool = True  # with LoRA: also save the merged full model at the end
     logps_chunk_size: int = 1024  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
     padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
+    torch_compile: bool = False  # torch.compile the decoder body (first steps include compile time; CPU needs g++/clang++)
+    torch_compile_backend: Optional[str] = None  # torch.compile backend (null: inductor; aot_eager/eager to debug)
+    auto_find_batch_size: bool = False  # find the largest micro-batch that fits at start-up; accumulation keeps batch x accum
 
 
 @dataclass
@@ -277,6 +285,13 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("reference.mode 'adapter_off' needs lora.use_peft: true (or use reference.mode: copy)")
     if recipe.lora.use_peft and recipe.lora.lora_r < 1:
         raise RecipeError(f"lora.lora_r must be at least 1, got {recipe.lora.lora_r}")
+    init = recipe.lora.init_adapter
+    if init is not None and not os.path.isfile(os.path.join(init, "adapter_config.json")):
+        raise RecipeError(f"lora.init_adapter '{init}' is not a peft adapter folder (no adapter_config.json); "
+                          "point it at a LoRA run's <output_dir>/adapter")
+    if init is not None and recipe.lora.use_peft and not t.export_merged:
+        raise RecipeError("lora.init_adapter with lora.use_peft needs train.export_merged: true (the new adapter is "
+                          "relative to base + init_adapter, so only the merged model/ is usable on its own)")
     return recipe
 
 

@@ -117,11 +117,13 @@ def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int):
 
 def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, model_path: str, tokenized, collator):
     """The reference strategy object; a precomputed one runs its pre-pass here, before training."""
+    from dpo_accel.distributed import check_backend, place_reference, reference_load_device
     from dpo_accel.logps import PreferenceLogpsModel
     from dpo_accel.modeling import load_frozen_copy, resolve_model_path
     from dpo_accel.reference import (AdapterOffReference, CopyReference, NoReference, build_precomputed)
 
     r, t = recipe.reference, recipe.train
+    check_backend(accelerator)
     if mode == "none":
         return NoReference(), None
     if mode == "adapter_off" or (mode == "precomputed" and recipe.lora.use_peft and not r.ref_model_name_or_path):
@@ -129,8 +131,12 @@ def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, mode
         source_model = source.module.model
     else:
         path = resolve_model_path(r.ref_model_name_or_path) if r.ref_model_name_or_path else model_path
-        copy = load_frozen_copy(path, recipe.model, r.dtype, accelerator.device)
-        source = CopyReference(PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size), accelerator.autocast)
+        placed = mode == "copy"  # a precomputed pre-pass keeps a replica: its cache key hashes the full weights
+        device = reference_load_device(accelerator) if placed else accelerator.device
+        init = None if r.ref_model_name_or_path else recipe.lora.init_adapter  # the reference = the policy's start
+        copy = load_frozen_copy(path, recipe.model, r.dtype, device, init_adapter=init)
+        module = PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size)
+        source = CopyReference(place_reference(accelerator, module) if placed else module, accelerator.autocast)
         source_model = copy
     if mode != "precomputed":
         return source, (source_model if mode == "copy" else None)
@@ -182,9 +188,12 @@ def generation_report(accelerator, recipe: Recipe, model, tokenizer, prompts) ->
 
     if not prompts or not accelerator.is_main_process:
         return {}
+    start = time.perf_counter()
     answers = generate_answers(accelerator.unwrap_model(model).model, tokenizer, prompts,
                                recipe.eval.max_new_tokens, autocast=accelerator.autocast)
-    return {"scores": behaviour_scores(recipe.eval.behaviour, prompts, answers),
+    seconds = time.perf_counter() - start
+    print(f"{LOG_PREFIX} generated {len(prompts)} held-out answers in {seconds:.1f} s")
+    return {"scores": behaviour_scores(recipe.eval.behaviour, prompts, answers), "seconds": seconds,
             "samples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]}
 
 
@@ -196,12 +205,15 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     from dpo_accel.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
     from dpo_accel.evaluate import evaluate_preferences
     from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.losses import compute_objective, needs_reference, uses_wpo
+    from dpo_accel.losses import compute_objective, needs_reference, needs_rejected, uses_wpo
     from dpo_accel.metrics import MetricAccumulator, example_metrics
     from dpo_accel.modeling import count_parameters, load_policy, load_tokenizer, resolve_model_path
     from dpo_accel.reference import reference_summary, resolve_mode
+    from dpo_accel.speed import apply_speed_options, check_speed_options
 
     t = recipe.train
+    run_start = time.perf_counter()
+    check_speed_options(recipe)
     accelerator = build_accelerator(recipe)
     main = accelerator.is_main_process
     set_seed(t.seed)
@@ -217,6 +229,9 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     policy = load_policy(recipe.model, recipe.lora, model_path)
     model = PreferenceLogpsModel(policy, chunk_size=t.logps_chunk_size, wpo=uses_wpo(recipe.loss),
                                  packing=t.padding_free)
+    # torch.compile of the decoder; auto_find_batch_size rewrites the micro-batch and accumulation here
+    apply_speed_options(accelerator, recipe, model, tokenized["train"], tokenizer.pad_token_id,
+                        with_reference=mode in ("adapter_off", "copy"))
     train_loader, eval_loader, sampler, collator = build_loaders(recipe, tokenized, tokenizer, accelerator.num_processes)
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / t.gradient_accumulation_steps)
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
@@ -247,6 +262,15 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
         with open(before_path, "w") as f:
             json.dump(generation_report(accelerator, recipe, model, tokenizer, prompts), f, indent=1)
 
+    eval_before_path = os.path.join(t.output_dir, "eval_before.json")
+    if eval_loader is not None and mode == "none" and global_step == 0 and not os.path.isfile(eval_before_path):
+        # Without a reference the rewards are not 0 at the start: measure the starting point (all processes).
+        eval_before = evaluate_preferences(accelerator, model, reference, eval_loader, recipe.loss)
+        log_metrics(accelerator, t.output_dir, eval_before, global_step)
+        if main:
+            with open(eval_before_path, "w") as f:
+                json.dump(eval_before, f, indent=1)
+    rejected_needed = needs_rejected(recipe.loss)
     acc = MetricAccumulator(accelerator)
     bar = tqdm(total=max_steps, initial=global_step, disable=not main, desc="train")
     last_log, grad_norm = time.perf_counter(), torch.tensor(0.0)
@@ -259,6 +283,8 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
             with accelerator.accumulate(model):
+                if not rejected_needed:  # e.g. sft on preference data: train on prompt -> chosen, no rejected forward
+                    batch = {k: v for k, v in batch.items() if not k.startswith("rejected_")}
                 policy_logps = model(**batch)
                 out = compute_objective(recipe.loss, policy_logps, reference.logps(batch, "train"))
                 accelerator.backward(out.loss)
@@ -280,7 +306,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
                            "tokens_per_second": tokens / elapsed, "padded_tokens_per_second": padded / elapsed,
                            "pairs_per_second": pairs / elapsed}
                 log_metrics(accelerator, t.output_dir, metrics, global_step)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                bar.set_postfix(progress_postfix(metrics))
                 last_log = time.perf_counter()
             if eval_loader is not None and t.eval_steps and global_step % t.eval_steps == 0 and global_step < max_steps:
                 log_metrics(accelerator, t.output_dir,
@@ -295,6 +321,9 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     bar.close()
 
     summary = {"global_step": global_step, "data": stats}
+    if main and os.path.isfile(eval_before_path):
+        with open(eval_before_path) as f:
+            summary["eval_before"] = json.load(f)
     if eval_loader is not None:
         summary["eval"] = evaluate_preferences(accelerator, model, reference, eval_loader, recipe.loss)
         log_metrics(accelerator, t.output_dir, summary["eval"], global_step)
@@ -309,25 +338,41 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     accelerator.end_training()
     if main:
         summary["table"] = final_table(summary)
+        summary["wall_seconds"] = time.perf_counter() - run_start
         print(summary["table"])
+        print(f"{LOG_PREFIX} {global_step} steps, {summary['wall_seconds']:.0f} s in all (loading, data, "
+              f"training, evaluation, generation, export)")
         with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
 
 
 def final_table(summary: dict) -> str:
-    """Held-out before/after table. Before training the policy equals its reference, so every
-    implicit reward is 0: accuracy and margin are 0 by construction, not measured."""
+    """Held-out before/after table. With a reference the policy equals it before training, so every
+    implicit reward is 0: accuracy and margin are 0 by construction, not measured. Without one (simpo,
+    orpo, sft, reference_free) the loop measured the start (``eval_before``), NLL included."""
     from dpo_accel.evaluate import before_after_table
 
     before, after = {}, {}
-    for key in ("eval/rewards/accuracies", "eval/rewards/margins"):
-        if key in summary.get("eval", {}):
-            before[key], after[key] = 0.0, summary["eval"][key]
+    measured = summary.get("eval_before", {})
+    for key in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/nll"):
+        if key in summary.get("eval", {}) and (key in measured or key != "eval/nll"):
+            before[key], after[key] = measured.get(key, 0.0), summary["eval"][key]
     if "behaviour" in summary:
         before.update(summary["behaviour"]["before"])
         after.update(summary["behaviour"]["after"])
     return before_after_table(before, after)
+
+
+def progress_postfix(metrics: dict) -> dict:
+    """What the progress bar shows: the loss, and the reward accuracy where there is a rejected side
+    (the NLL where there is not, e.g. sft on single-answer data)."""
+    postfix = {"loss": f"{metrics['loss']:.4f}"}
+    if "rewards/accuracies" in metrics:
+        postfix["acc"] = f"{metrics['rewards/accuracies']:.2f}"
+    elif "nll" in metrics:
+        postfix["nll"] = f"{metrics['nll']:.3f}"
+    return postfix
 
 
 def main(argv=None) -> int:
@@ -336,7 +381,10 @@ def main(argv=None) -> int:
         from dpo_accel.losses import validate_loss_config
 
         recipe = load_recipe(args.recipe, args.set)
+        from dpo_accel.speed import check_speed_options
+
         validate_loss_config(recipe.loss)
+        check_speed_options(recipe)
         check_output_dir(recipe, args.resume)
     except (RecipeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,747 @@
+"""One DPO optimizer step, configurations side by side: time, tokens/s, peak memory and MFU.
+
+    python -m benchmarks.bench_dpo_step                  # SmolLM2-135M-Instruct, LoRA r=16 all-linear, 4 pairs, max_length 512
+    python -m benchmarks.bench_dpo_step --steps 5 --configs naive,default,fastest_bf16,trl
+    python -m benchmarks.bench_dpo_step --quick          # tiny random model, seconds (the CI smoke test)
+    PYTHONPATH=/path/to/trl python -m benchmarks.bench_dpo_step   # adds the TRL DPOTrainer rows
+
+Every configuration runs in its own subprocess (``--no-subprocess`` to share one), so each peak memory
+is its own: peak RSS on CPU, peak allocated on CUDA. The rows (``--configs``, default all but the
+optional ones marked *):
+
+    naive         two separate forwards (chosen, rejected) through the full [B, T, V] logits, float32
+                  log_softmax, random batches; the reference the same with the LoRA adapter switched off
+    default       dpo_accel's recipe defaults: one concatenated forward, chunked LM head on label positions
+                  only (logps_chunk_size 1024), length-grouped batches
+    fastest       + padding-free packing (train.padding_free), float32
+    fastest_bf16  + bf16 autocast (train.mixed_precision bf16)
+    leanest       + gradient checkpointing (non-reentrant) and 128-position LM-head chunks, packing, float32
+    compile*      fastest + torch.compile of the decoder (the first steps compile; warm-up covers one shape)
+    trl           TRL DPOTrainer with DPOConfig's defaults (gradient checkpointing on, bf16 on) on the same
+                  model, LoRA, pairs and batches (only when `trl` is importable; skipped otherwise)
+    trl_fp32*     TRL with bf16=False;  trl_no_gc*: TRL with gradient_checkpointing=False
+
+Data: deterministic preference pairs of real English prose, the Python reference manual shipped with
+CPython (pydoc_data.topics): a passage as the prompt, its true continuation as chosen, another passage
+as rejected, lengths drawn so a pair holds about 315 tokens and random batches of 4 pairs pad to about
+twice their real tokens. Each configuration times the same number of optimizer steps (after --warmup
+untimed ones) on batches at evenly spaced positions of its own sampler's epoch (random or
+length-grouped), so every sampler is sampled fairly; TRL gets the naive row's batches, in order.
+
+Columns: median step time; real tokens/s (non-padding tokens of chosen and rejected rows over the timed
+steps' total time); processed tokens/s (the tokens the decoder actually ran on, padding included);
+peak memory; MFU = F x real tokens/s / roof, with F = 6 N per real token for LoRA (policy forward,
+activation gradients, reference forward; no weight gradients for the frozen base) or 8 N for full
+fine-tuning (+ weight gradients), N the base model's parameters, and the roof the 2048^3 matmul rate
+of the configuration's dtype measured here at start-up. A check runs the naive, default and leanest
+log-prob paths on one batch in float32 and reports their differences (target: 1e-5).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+IGNORE_INDEX = -100
+
+# name -> what it is. "kind": ours | naive | trl; the rest are recipe switches of our loop.
+CONFIGS = {
+    "naive": dict(kind="naive", label="naive: 2 forwards, full logits, random batches"),
+    "default": dict(kind="ours", label="dpo_accel default (lean log-probs, length-grouped)"),
+    "fastest": dict(kind="ours", label="dpo_accel fastest fp32 (+ packing)", packing=True),
+    "fastest_bf16": dict(kind="ours", label="dpo_accel fastest bf16 (+ packing, bf16 autocast)", packing=True,
+                         bf16=True),
+    "leanest": dict(kind="ours", label="dpo_accel leanest (+ grad ckpt, chunk 128, packing)", packing=True,
+                    gradient_checkpointing=True, chunk_size=128),
+    "compile": dict(kind="ours", label="dpo_accel fastest fp32 + torch.compile", packing=True, compile=True),
+    "trl": dict(kind="trl", label="TRL 1.16 DPOTrainer defaults (grad ckpt, bf16)"),
+    "trl_fp32": dict(kind="trl", label="TRL DPOTrainer, bf16=False", bf16=False),
+    "trl_no_gc": dict(kind="trl", label="TRL DPOTrainer, gradient_checkpointing=False", gradient_checkpointing=False),
+}
+DEFAULT_CONFIGS = ("naive", "default", "fastest", "fastest_bf16", "leanest", "trl")
+OPTIONAL_CONFIGS = ("compile", "trl_fp32", "trl_no_gc")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a worker needs to rebuild the same model, data and batches."""
+    model_path: str
+    conversational: bool = True  # prompts/answers as chat messages (the model's chat template), else raw text
+    pairs: int = 200  # pairs in the dataset the samplers draw from
+    batch_size: int = 4  # pairs per optimizer step
+    max_length: int = 512
+    max_prompt_length: int = 256
+    steps: int = 3  # timed optimizer steps
+    warmup: int = 1  # untimed steps first
+    lora_r: int = 16  # 0: full fine-tuning
+    seed: int = 0
+    prompt_words: tuple = (3.45, 0.95, 5, 100)  # lognormal mu, sigma, min, max words of the prompt passage
+    answer_words: tuple = (3.2, 0.9, 8, 230)  # same for each answer
+    quick: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def english_paragraphs() -> list[str]:
+    """Prose paragraphs of the Python reference manual that ships with CPython (no download): indented
+    blocks (code, grammar) are left out."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            lines = block.splitlines()
+            if not lines or any(line.startswith((" ", "\t")) for line in lines):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text.split()) >= 12 and any(c.islower() for c in text):
+                paragraphs.append(text)
+    return paragraphs
+
+
+def _lognormal_words(rng: random.Random, spec: tuple) -> int:
+    mu, sigma, lo, hi = spec
+    return int(min(hi, max(lo, int(rng.lognormvariate(mu, sigma)))))
+
+
+def build_pairs(setup: Setup, tokenizer) -> list[dict]:
+    """``setup.pairs`` preference pairs, the same for every run: prompt = an instruction and a passage,
+    chosen = the passage's true continuation, rejected = a passage from elsewhere. An answer is cut
+    (by words) until prompt + answer fits ``max_length`` - 8 tokens, so no configuration truncates."""
+    words = " ".join(english_paragraphs()).split()
+    rng = random.Random(setup.seed)
+    budget = setup.max_length - 8
+
+    def render(prompt: str, answer: Optional[str] = None) -> int:
+        if setup.conversational:
+            messages = [{"role": "user", "content": prompt}]
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+        else:
+            text = prompt + (answer or "")
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+    pairs = []
+    for _ in range(setup.pairs):
+        n_prompt = _lognormal_words(rng, setup.prompt_words)
+        start = rng.randrange(len(words) - 2000)
+        prompt = "Continue this passage from the Python documentation:\n\n" + " ".join(words[start:start + n_prompt])
+        answers = []
+        for offset in (start + n_prompt, rng.randrange(len(words) - 2000)):
+            n = _lognormal_words(rng, setup.answer_words)
+            while n > 1 and render(prompt, " ".join(words[offset:offset + n])) > budget:
+                n = int(n * 0.9)
+            answers.append(" ".join(words[offset:offset + n]))
+        if setup.conversational:
+            pairs.append({"prompt": [{"role": "user", "content": prompt}],
+                          "chosen": [{"role": "assistant", "content": answers[0]}],
+                          "rejected": [{"role": "assistant", "content": answers[1]}]})
+        else:
+            pairs.append({"prompt": prompt, "chosen": " " + answers[0], "rejected": " " + answers[1]})
+    return pairs
+
+
+def load_tokenizer(setup: Setup):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup.model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenized_dataset(setup: Setup, tokenizer, pairs: list[dict]):
+    """The pairs through dpo_accel.data (chat template, labels, EOS), as training sees them."""
+    import datasets
+
+    from dpo_accel.data import normalise_split, tokenize_splits
+    from dpo_accel.recipe import DataConfig
+
+    fmt = "conversational" if setup.conversational else "explicit"
+    cfg = DataConfig(max_length=setup.max_length, max_prompt_length=setup.max_prompt_length)
+    splits = datasets.DatasetDict({"train": normalise_split(datasets.Dataset.from_list(pairs), fmt, "train")})
+    tokenized, stats = tokenize_splits(splits, tokenizer, cfg)
+    if stats["train"]["truncated"] or stats["train"]["dropped"]:
+        raise RuntimeError(f"benchmark pairs were truncated or dropped: {stats['train']}")
+    return tokenized["train"]
+
+
+def selected_batches(setup: Setup, dataset, grouped: bool) -> list[list[int]]:
+    """Row indices of the warm-up + timed batches: evenly spaced positions of one epoch of the sampler."""
+    from torch.utils.data import RandomSampler
+
+    from dpo_accel.data import LengthGroupedSampler, sequence_lengths
+
+    if grouped:
+        sampler = LengthGroupedSampler(sequence_lengths(dataset), setup.batch_size, seed=setup.seed)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(setup.seed))
+    order = list(sampler)
+    batches = [order[i:i + setup.batch_size] for i in range(0, len(order) - setup.batch_size + 1, setup.batch_size)]
+    n = setup.warmup + setup.steps
+    if n > len(batches):
+        raise SystemExit(f"--pairs {setup.pairs} gives {len(batches)} batches; need {n} (raise --pairs)")
+    return [batches[int((i + 0.5) * len(batches) / n)] for i in range(n)]
+
+
+def collate(dataset, rows: list[int], pad_token_id: int) -> dict:
+    from dpo_accel.data import PreferenceCollator
+
+    return PreferenceCollator(pad_token_id)([dataset[int(i)] for i in rows])
+
+
+def token_counts(batch: dict, how: str) -> tuple[int, int]:
+    """(real, processed) tokens of a collated batch: processed is what the decoder runs on under `how`:
+    'separate' (two forwards, each side padded to its own longest row), 'concat' (one [2B, T] forward,
+    T the longest real row), 'packed' (the real tokens only)."""
+    cm, rm = batch["chosen_attention_mask"], batch["rejected_attention_mask"]
+    real = int(cm.sum() + rm.sum())
+    if how == "separate":
+        processed = cm.numel() + rm.numel()
+    elif how == "concat":
+        longest = max(int(cm.sum(-1).max()), int(rm.sum(-1).max()))
+        processed = (cm.shape[0] + rm.shape[0]) * longest
+    else:
+        processed = real
+    return real, processed
+
+
+# -------------------------------------------------------------------------------------------- models
+
+def tiny_model_dir(folder: str) -> str:
+    """--quick: a 2-layer random Llama and a byte-level tokenizer (259 ids), saved to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def base_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the base model (LoRA's own A/B matrices left out)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def recipe_for(setup: Setup, cfg: dict):
+    from dpo_accel.recipe import load_recipe
+
+    overrides = {
+        "model.model_name_or_path": setup.model_path,
+        "model.gradient_checkpointing": bool(cfg.get("gradient_checkpointing", False)),
+        "lora.use_peft": setup.lora_r > 0, "lora.lora_r": max(setup.lora_r, 1),
+        "lora.lora_alpha": 2 * max(setup.lora_r, 1), "lora.lora_dropout": 0.0,
+        "data.max_length": setup.max_length, "data.max_prompt_length": setup.max_prompt_length,
+        "train.per_device_train_batch_size": setup.batch_size, "train.learning_rate": 5e-6,
+        "train.logps_chunk_size": int(cfg.get("chunk_size", 1024)), "train.padding_free": bool(cfg.get("packing")),
+        "train.mixed_precision": "bf16" if cfg.get("bf16") else "no", "train.torch_compile": bool(cfg.get("compile")),
+    }
+    return load_recipe(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def naive_logps(model: torch.nn.Module, batch: dict) -> dict:
+    """The baseline: each side through the model on its own, full [B, T, V] logits, float32 log_softmax
+    over all of them, then the label tokens gathered and summed. Same keys as dpo_accel.logps."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out[f"{side}_logps"] = (token * keep).sum(-1)
+        out[f"{side}_tokens"] = keep.sum(-1).float()
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "peak allocated (CUDA)"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS"
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+def run_ours(setup: Setup, name: str) -> dict:
+    """dpo_accel's training step (the loop body of train.py) with the configuration's recipe switches;
+    the naive row uses the same loop with `naive_logps` in place of the PreferenceLogpsModel."""
+    from accelerate import Accelerator
+
+    from dpo_accel.logps import PreferenceLogpsModel
+    from dpo_accel.losses import compute_objective
+    from dpo_accel.modeling import load_policy
+    from dpo_accel.reference import AdapterOffReference, CopyReference
+    from dpo_accel.speed import check_speed_options, compile_decoder
+    from dpo_accel.train import build_optimizer
+
+    cfg = CONFIGS[name]
+    naive = cfg["kind"] == "naive"
+    recipe = recipe_for(setup, cfg)
+    check_speed_options(recipe)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision)
+    device = accelerator.device
+    tokenizer = load_tokenizer(setup)
+    dataset = tokenized_dataset(setup, tokenizer, build_pairs(setup, tokenizer))
+    batches = [collate(dataset, rows, tokenizer.pad_token_id)
+               for rows in selected_batches(setup, dataset, grouped=not naive)]
+    policy = load_policy(recipe.model, recipe.lora, setup.model_path)
+    n_params = base_parameter_count(policy)
+    if naive:
+        model = policy
+    else:
+        model = PreferenceLogpsModel(policy, chunk_size=recipe.train.logps_chunk_size, packing=recipe.train.padding_free)
+        if recipe.train.torch_compile:
+            compile_decoder(model)
+    optimizer, _ = build_optimizer(recipe, model, len(batches))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    if recipe.lora.use_peft:
+        unwrapped = accelerator.unwrap_model(model)
+        if naive:
+            @torch.no_grad()
+            def reference(batch):
+                with unwrapped.disable_adapter():
+                    return {k: v.detach() for k, v in naive_logps(unwrapped, batch).items()}
+        else:
+            reference = AdapterOffReference(unwrapped).logps
+    else:  # full fine-tuning: a frozen copy of the starting weights
+        from dpo_accel.modeling import load_frozen_copy
+
+        copy = load_frozen_copy(setup.model_path, recipe.model, None, device)
+        module = copy if naive else PreferenceLogpsModel(copy, chunk_size=recipe.train.logps_chunk_size,
+                                                         packing=recipe.train.padding_free)
+        reference = (lambda b: {k: v.detach() for k, v in naive_logps(module, b).items()}) if naive else \
+            CopyReference(module, accelerator.autocast).logps
+
+    how = "separate" if naive else ("packed" if recipe.train.padding_free else "concat")
+    times, real, processed, losses = [], [], [], []
+    for batch in batches:
+        counts = token_counts(batch, how)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _sync(device)
+        start = time.perf_counter()
+        policy_logps = naive_logps(model, batch) if naive else model(**batch)  # prepare() added autocast
+        ref = reference(batch)
+        out = compute_objective(recipe.loss, policy_logps, ref)
+        accelerator.backward(out.loss)
+        accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        real.append(counts[0])
+        processed.append(counts[1])
+        losses.append(float(out.loss))
+    peak, mem_kind = _peak_memory(device)
+    return dict(times=times, real=real, processed=processed, losses=losses, peak=peak, mem_kind=mem_kind,
+                n_params=n_params, lora=recipe.lora.use_peft, dtype="bfloat16" if cfg.get("bf16") else "float32",
+                device=str(device))
+
+
+def run_trl(setup: Setup, name: str) -> dict:
+    """TRL's DPOTrainer on the same model, LoRA, pairs and batches (the naive row's, in order)."""
+    try:
+        import trl
+        from trl import DPOConfig, DPOTrainer
+    except ImportError:
+        return {"skipped": "trl is not importable (pip install trl to add this row)"}
+    import datasets
+    from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    cfg = CONFIGS[name]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tokenizer = load_tokenizer(setup)
+    pairs = build_pairs(setup, tokenizer)
+    dataset = tokenized_dataset(setup, tokenizer, pairs)
+    order = [i for rows in selected_batches(setup, dataset, grouped=False) for i in rows]
+    ours = [token_counts(collate(dataset, order[i:i + setup.batch_size], tokenizer.pad_token_id), "concat")
+            for i in range(0, len(order), setup.batch_size)]
+    train_rows = datasets.Dataset.from_list([pairs[int(dataset[int(i)]["source_idx"])] for i in order])
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.start, self.ends = None, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.start is None:
+                _sync(device)
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            self.ends.append(time.perf_counter())
+
+    class BenchDPOTrainer(DPOTrainer):
+        seen: list = []
+
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs["attention_mask"]
+            self.seen.append((int(mask.sum()), int(mask.numel())))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.float32)
+    n_params = base_parameter_count(model)
+    peft_config = None
+    if setup.lora_r > 0:
+        peft_config = LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    kwargs = {k: cfg[k] for k in ("bf16", "gradient_checkpointing") if k in cfg}
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=setup.batch_size,
+                         max_steps=setup.warmup + setup.steps, max_length=setup.max_length, learning_rate=5e-6,
+                         report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True,
+                         use_cpu=not cuda, seed=setup.seed, dataloader_num_workers=0, **kwargs)
+        trainer = BenchDPOTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
+                                  peft_config=peft_config, callbacks=[clock])
+        trainer.train()
+    ends = clock.ends
+    times = [ends[0] - clock.start] + [b - a for a, b in zip(ends, ends[1:])]
+    seen = BenchDPOTrainer.seen
+    peak, mem_kind = _peak_memory(device)
+    return dict(times=times, real=[s[0] for s in seen], processed=[s[1] for s in seen],
+                ours_real=[c[0] for c in ours], peak=peak, mem_kind=mem_kind, n_params=n_params,
+                lora=setup.lora_r > 0, dtype="bfloat16" if args.bf16 else "float32", device=str(device),
+                trl_version=trl.__version__, gradient_checkpointing=bool(args.gradient_checkpointing))
+
+
+def run_check(setup: Setup, name: str = "check") -> dict:
+    """float32, one batch (the naive row's first), LoRA adapter perturbed so policy != reference: the
+    naive, default and leanest paths' policy and reference log-probs, loss and LoRA gradients."""
+    from dpo_accel.logps import PreferenceLogpsModel
+    from dpo_accel.losses import compute_objective
+    from dpo_accel.modeling import load_policy
+
+    recipe = recipe_for(setup, {})
+    tokenizer = load_tokenizer(setup)
+    dataset = tokenized_dataset(setup, tokenizer, build_pairs(setup, tokenizer))
+    batch = collate(dataset, selected_batches(setup, dataset, grouped=False)[0], tokenizer.pad_token_id)
+    policy = load_policy(recipe.model, recipe.lora, setup.model_path).train()
+    if recipe.lora.use_peft:
+        generator = torch.Generator().manual_seed(setup.seed)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+    trainable = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    base = policy.get_base_model() if recipe.lora.use_peft else policy
+
+    def step(path: str) -> dict:
+        if path == "leanest":
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module = PreferenceLogpsModel(policy, chunk_size=128, packing=True)
+        else:
+            module = PreferenceLogpsModel(policy, chunk_size=1024)
+        forward = (lambda b: naive_logps(policy, b)) if path == "naive" else (lambda b: module(**b))
+        pol = forward(batch)
+        with torch.no_grad(), (policy.disable_adapter() if recipe.lora.use_peft else contextlib.nullcontext()):
+            ref = forward(batch)
+        out = compute_objective(recipe.loss, pol, ref)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for _, p in trainable])
+        for _, p in trainable:
+            p.grad = None
+        if path == "leanest":
+            base.gradient_checkpointing_disable()
+        return dict(policy=torch.cat([pol["chosen_logps"], pol["rejected_logps"]]).detach(),
+                    reference=torch.cat([ref["chosen_logps"], ref["rejected_logps"]]).detach(),
+                    loss=out.loss.detach(), grads=grads)
+
+    results = {path: step(path) for path in ("naive", "default", "leanest")}
+    naive = results["naive"]
+    report = {"logps_magnitude": float(naive["policy"].abs().max()), "tokens": int(batch["chosen_attention_mask"].sum()
+                                                                                  + batch["rejected_attention_mask"].sum())}
+    for path in ("default", "leanest"):
+        r = results[path]
+        report[path] = {
+            "policy_logps_abs": float((r["policy"] - naive["policy"]).abs().max()),
+            "reference_logps_abs": float((r["reference"] - naive["reference"]).abs().max()),
+            "logps_rel": float(max(((r[k] - naive[k]).abs() / naive[k].abs().clamp(min=1)).max()
+                                   for k in ("policy", "reference"))),
+            "loss_abs": float((r["loss"] - naive["loss"]).abs()),
+            "grad_rel": float((r["grads"] - naive["grads"]).norm() / naive["grads"].norm().clamp(min=1e-30)),
+        }
+    return report
+
+
+WORKERS = {"ours": run_ours, "naive": run_ours, "trl": run_trl}
+
+
+def run_worker(setup: Setup, name: str) -> dict:
+    if name == "check":
+        return run_check(setup)
+    return WORKERS[CONFIGS[name]["kind"]](setup, name)
+
+
+# ---------------------------------------------------------------------------------------------- roof
+
+def measure_roof(device: torch.device, size: int = 2048, reps: int = 5) -> dict:
+    """Best-of-`reps` FLOP/s of a size^3 matmul in float32 and bfloat16 on `device` (this machine's roof)."""
+    roof = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        a @ b
+        best = math.inf
+        for _ in range(reps):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        roof[str(dtype).replace("torch.", "")] = 2 * size ** 3 / best
+    return roof
+
+
+# ----------------------------------------------------------------------------------------- reporting
+
+def summarise(name: str, r: dict, roof: dict, warmup: int) -> dict:
+    times, real, processed = r["times"][warmup:], r["real"][warmup:], r["processed"][warmup:]
+    total = sum(times)
+    real_tps = sum(real) / total
+    flops_per_token = (6 if r["lora"] else 8) * r["n_params"]
+    return dict(name=name, label=CONFIGS[name]["label"], step_s=statistics.median(times), real_tps=real_tps,
+                processed_tps=sum(processed) / total, pad_ratio=sum(processed) / sum(real), peak_gb=r["peak"] / 2 ** 30,
+                mfu=flops_per_token * real_tps / roof[r["dtype"]], dtype=r["dtype"], mem_kind=r["mem_kind"],
+                real_per_step=sum(real) / len(real))
+
+
+def format_table(rows: list[dict], roof: dict, shared_process: bool) -> str:
+    base_trl = next((r for r in rows if r["name"] == "trl"), None)
+    base_naive = next((r for r in rows if r["name"] == "naive"), None)
+    mem = "peak GB" if not shared_process else "peak GB (shared process: not per row)"
+    lines = [f"| configuration | step s (median) | real tok/s | processed tok/s | pad x | {mem} | MFU "
+             f"| tok/s vs TRL | mem vs TRL | tok/s vs naive |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(r, base, key):
+        return f"{r[key] / base[key]:.2f}x" if base else "-"
+
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['step_s']:.2f} | {r['real_tps']:.0f} | {r['processed_tps']:.0f} "
+                     f"| {r['pad_ratio']:.2f} | {r['peak_gb']:.2f} | {100 * r['mfu']:.1f}% ({r['dtype'][:4]}) "
+                     f"| {ratio(r, base_trl, 'real_tps')} | {ratio(r, base_trl, 'peak_gb')} "
+                     f"| {ratio(r, base_naive, 'real_tps')} |")
+    lines.append(f"\nroof (2048^3 matmul, measured here): float32 {roof['float32'] / 1e9:.0f} GFLOP/s, "
+                 f"bfloat16 {roof['bfloat16'] / 1e9:.0f} GFLOP/s; MFU uses the roof of the row's dtype.")
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Issue 4's targets, each met or missed, against the TRL default row."""
+    by = {r["name"]: r for r in rows}
+    trl = by.get("trl")
+    if trl is None:
+        return ["targets: no TRL row (trl not importable or not selected), nothing to compare against"]
+    out = []
+
+    def line(ok, text):
+        out.append(f"  [{'met' if ok else 'MISSED'}] {text}")
+
+    if "fastest" in by:
+        f = by["fastest"]
+        line(f["real_tps"] >= 2.5 * trl["real_tps"] and f["peak_gb"] <= trl["peak_gb"],
+             f"fastest fp32: {f['real_tps'] / trl['real_tps']:.2f}x TRL tok/s (>= 2.5x) at "
+             f"{f['peak_gb'] / trl['peak_gb']:.2f}x its memory (<= 1x)")
+    if "fastest_bf16" in by:
+        f = by["fastest_bf16"]
+        line(f["real_tps"] >= 5 * trl["real_tps"] and f["peak_gb"] <= trl["peak_gb"],
+             f"fastest bf16: {f['real_tps'] / trl['real_tps']:.2f}x TRL tok/s (>= 5x) at "
+             f"{f['peak_gb'] / trl['peak_gb']:.2f}x its memory (<= 1x)")
+    if "leanest" in by:
+        f = by["leanest"]
+        line(f["peak_gb"] <= 0.5 * trl["peak_gb"] and f["real_tps"] >= trl["real_tps"],
+             f"leanest: {f['peak_gb'] / trl['peak_gb']:.2f}x TRL memory (<= 0.5x) at "
+             f"{f['real_tps'] / trl['real_tps']:.2f}x its tok/s (>= 1x)")
+    return ["targets (issue 4, vs TRL default):"] + out
+
+
+def check_lines(check: dict) -> list[str]:
+    lines = [f"correctness (float32, one batch of {check['tokens']} real tokens, |log-probs| up to "
+             f"{check['logps_magnitude']:.0f}; target 1e-5):"]
+    for path in ("default", "leanest"):
+        c = check[path]
+        ok = c["logps_rel"] <= 1e-5 and c["loss_abs"] <= 1e-5
+        lines.append(f"  [{'ok' if ok else 'DIFFERS'}] {path} vs naive: policy log-probs max |diff| "
+                     f"{c['policy_logps_abs']:.2e}, reference {c['reference_logps_abs']:.2e} (relative "
+                     f"{c['logps_rel']:.1e}), loss {c['loss_abs']:.1e}, LoRA gradients relative {c['grad_rel']:.1e}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma list of {', '.join(CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    p.add_argument("--quick", action="store_true", help="tiny random model and short pairs (smoke test)")
+    p.add_argument("--model", default=None, help="model dir or alias (default: smollm2-135m-instruct)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 512; --quick 256)")
+    p.add_argument("--pairs", type=int, default=None, help="pairs the samplers draw from (default 200; --quick 40)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all linear layers; 0: full fine-tuning")
+    p.add_argument("--no-check", action="store_true", help="skip the float32 equality check")
+    p.add_argument("--no-subprocess", action="store_true",
+                   help="run every configuration in this process (faster; peak memory is then not per row)")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--setup", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def make_setup(args, folder: str) -> Setup:
+    from dpo_accel.modeling import SMOLLM2_ALIAS, resolve_model_path
+
+    common = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, lora_r=args.lora_r)
+    if args.quick:
+        path = args.model or tiny_model_dir(os.path.join(folder, "tiny"))
+        return Setup(model_path=path, conversational=False, pairs=args.pairs or 40,
+                     max_length=args.max_length or 256, max_prompt_length=128, prompt_words=(2.0, 0.6, 2, 12),
+                     answer_words=(2.2, 0.8, 2, 30), quick=True, **common)
+    path = resolve_model_path(args.model or SMOLLM2_ALIAS)
+    return Setup(model_path=path, pairs=args.pairs or 200, max_length=args.max_length or 512, **common)
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def launch(setup: Setup, name: str, folder: str, in_process: bool) -> dict:
+    """One configuration, in a fresh subprocess unless `in_process`."""
+    if in_process:
+        try:
+            return run_worker(setup, name)
+        finally:
+            _reset_accelerate()
+    out = os.path.join(folder, f"{name}.json")
+    cmd = [sys.executable, "-m", "benchmarks.bench_dpo_step", "--worker", name,
+           "--setup", json.dumps(dataclasses.asdict(setup)), "--out", out]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.isfile(out):
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        return {"failed": f"exit {proc.returncode}:\n{tail}"}
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.setup).items()})
+        result = run_worker(setup, args.worker)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        return 0
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        print(f"error: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.warmup < 0:
+        print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="bench_dpo_") as folder:
+        setup = make_setup(args, folder)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(setup)
+        dataset = tokenized_dataset(setup, tokenizer, build_pairs(setup, tokenizer))
+        lengths = [len(dataset[i]["chosen_input_ids"]) + len(dataset[i]["rejected_input_ids"]) for i in range(len(dataset))]
+        print(f"model {setup.model_path} | {'LoRA r=%d all-linear' % setup.lora_r if setup.lora_r else 'full fine-tuning'}"
+              f" | {setup.pairs} pairs of English prose, {statistics.mean(lengths):.0f} tokens per pair on average "
+              f"(max sequence {max(max(len(dataset[i]['chosen_input_ids']), len(dataset[i]['rejected_input_ids'])) for i in range(len(dataset)))}"
+              f", max_length {setup.max_length}) | batch {setup.batch_size} pairs | {setup.warmup} warm-up + "
+              f"{setup.steps} timed steps | {device} ({torch.get_num_threads()} threads) | torch {torch.__version__}")
+        roof = measure_roof(device)
+        results, rows, notes = {}, [], []
+        for name in names:
+            start = time.perf_counter()
+            print(f"... {name}", end="", flush=True)
+            r = launch(setup, name, folder, args.no_subprocess)
+            print(f" {time.perf_counter() - start:.0f} s", flush=True)
+            results[name] = r
+            if "skipped" in r or "failed" in r:
+                notes.append(f"{name}: {r.get('skipped') or r.get('failed')}")
+                continue
+            rows.append(summarise(name, r, roof, setup.warmup))
+            if "ours_real" in r and r["ours_real"] != r["real"]:
+                notes.append(f"{name}: TRL's real tokens per step {r['real']} vs dpo_accel's {r['ours_real']} "
+                             "for the same pairs (chat-template tokenisation differs slightly)")
+        check = None
+        if not args.no_check:
+            print("... check", end="", flush=True)
+            start = time.perf_counter()
+            check = launch(setup, "check", folder, args.no_subprocess)
+            print(f" {time.perf_counter() - start:.0f} s", flush=True)
+            results["check"] = check
+
+    print()
+    print(format_table(rows, roof, args.no_subprocess))
+    for line in target_lines(rows):
+        print(line)
+    if check is not None:
+        if "failed" in check:
+            notes.append(f"check: {check['failed']}")
+        else:
+            for line in check_lines(check):
+                print(line)
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": dataclasses.asdict(setup), "roof": roof, "rows": rows, "raw": results}, f, indent=1)
+    failed = [n for n, r in results.items() if isinstance(r, dict) and "failed" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
