@@ -253,19 +253,18 @@ def base_parameter_count(model: torch.nn.Module) -> int:
 
 
 def recipe_for(setup: Setup, cfg: dict):
-    from dpo_accel.recipe import load_recipe
+    from dpo_accel.recipe import recipe_from_dict
 
-    overrides = {
-        "model.model_name_or_path": setup.model_path,
-        "model.gradient_checkpointing": bool(cfg.get("gradient_checkpointing", False)),
-        "lora.use_peft": setup.lora_r > 0, "lora.lora_r": max(setup.lora_r, 1),
-        "lora.lora_alpha": 2 * max(setup.lora_r, 1), "lora.lora_dropout": 0.0,
-        "data.max_length": setup.max_length, "data.max_prompt_length": setup.max_prompt_length,
-        "train.per_device_train_batch_size": setup.batch_size, "train.learning_rate": 5e-6,
-        "train.logps_chunk_size": int(cfg.get("chunk_size", 1024)), "train.padding_free": bool(cfg.get("packing")),
-        "train.mixed_precision": "bf16" if cfg.get("bf16") else "no", "train.torch_compile": bool(cfg.get("compile")),
-    }
-    return load_recipe(None, [f"{k}={v}" for k, v in overrides.items()])
+    r = max(setup.lora_r, 1)
+    return recipe_from_dict({
+        "model": {"model_name_or_path": setup.model_path,
+                  "gradient_checkpointing": bool(cfg.get("gradient_checkpointing", False))},
+        "lora": {"use_peft": setup.lora_r > 0, "lora_r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0},
+        "data": {"max_length": setup.max_length, "max_prompt_length": setup.max_prompt_length},
+        "train": {"per_device_train_batch_size": setup.batch_size, "learning_rate": 5e-6,
+                  "logps_chunk_size": int(cfg.get("chunk_size", 1024)), "padding_free": bool(cfg.get("packing")),
+                  "mixed_precision": "bf16" if cfg.get("bf16") else "no", "torch_compile": bool(cfg.get("compile"))},
+    })
 
 
 def naive_logps(model: torch.nn.Module, batch: dict) -> dict:
@@ -505,10 +504,21 @@ def run_check(setup: Setup, name: str = "check") -> dict:
     return report
 
 
+def _quiet() -> None:
+    """No progress bars or load reports from datasets / transformers in the benchmark's output."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 WORKERS = {"ours": run_ours, "naive": run_ours, "trl": run_trl}
 
 
 def run_worker(setup: Setup, name: str) -> dict:
+    _quiet()
     if name == "check":
         return run_check(setup)
     return WORKERS[CONFIGS[name]["kind"]](setup, name)
@@ -547,6 +557,9 @@ def summarise(name: str, r: dict, roof: dict, warmup: int) -> dict:
                 real_per_step=sum(real) / len(real))
 
 
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
 def format_table(rows: list[dict], roof: dict, shared_process: bool) -> str:
     base_trl = next((r for r in rows if r["name"] == "trl"), None)
     base_naive = next((r for r in rows if r["name"] == "naive"), None)
@@ -560,7 +573,7 @@ def format_table(rows: list[dict], roof: dict, shared_process: bool) -> str:
 
     for r in rows:
         lines.append(f"| {r['label']} | {r['step_s']:.2f} | {r['real_tps']:.0f} | {r['processed_tps']:.0f} "
-                     f"| {r['pad_ratio']:.2f} | {r['peak_gb']:.2f} | {100 * r['mfu']:.1f}% ({r['dtype'][:4]}) "
+                     f"| {r['pad_ratio']:.2f} | {r['peak_gb']:.2f} | {100 * r['mfu']:.1f}% ({SHORT_DTYPE[r['dtype']]}) "
                      f"| {ratio(r, base_trl, 'real_tps')} | {ratio(r, base_trl, 'peak_gb')} "
                      f"| {ratio(r, base_naive, 'real_tps')} |")
     lines.append(f"\nroof (2048^3 matmul, measured here): float32 {roof['float32'] / 1e9:.0f} GFLOP/s, "
@@ -690,6 +703,7 @@ def main(argv=None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet()
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as folder:
         setup = make_setup(args, folder)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

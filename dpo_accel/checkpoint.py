@@ -77,18 +77,19 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
     (adapter merged into the base). Without LoRA: ``<output_dir>/model``. Each directory also holds
     the tokenizer and the resolved recipe, and appears atomically.
     """
-    from dpo_accel.distributed import gathered_copy, is_sharded
+    from dpo_accel.distributed import export_from_copy, gathered_copy
 
     wrapper = accelerator.unwrap_model(model)  # the PreferenceLogpsModel given to prepare()
     unwrapped = wrapper.model
-    # Gathers sharded (FSDP / ZeRO-3) weights onto the main process; keys lose the wrapper's prefix.
-    state_dict = {k[len("model."):]: v for k, v in accelerator.get_state_dict(model).items()
+    # Gathers sharded (FSDP / ZeRO-3) weights onto the main process (ZeRO-3 returns None elsewhere);
+    # keys lose the wrapper's prefix.
+    state_dict = {k[len("model."):]: v for k, v in (accelerator.get_state_dict(model) or {}).items()
                   if k.startswith("model.")}
     written: dict[str, str] = {}
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return written
-    if is_sharded(unwrapped):  # FSDP2 / ZeRO-3: save and merge a plain CPU copy of the gathered weights
+    if export_from_copy(accelerator, unwrapped):  # FSDP2 / DeepSpeed: save a plain CPU copy of the gathered weights
         unwrapped, state_dict = gathered_copy(unwrapped, state_dict), None
     targets = []
     if hasattr(unwrapped, "peft_config"):

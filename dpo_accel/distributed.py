@@ -18,6 +18,7 @@ model, so both follow the policy's placement by construction and need nothing fr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -210,6 +211,15 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "to_local") or hasattr(p, "ds_id") for p in model.parameters())
 
 
+def export_from_copy(accelerator, model: torch.nn.Module) -> bool:
+    """True when the gathered state dict is not the model's own tensors, so the final export must go
+    through `gathered_copy`: a sharded model (FSDP2, ZeRO-3) or any DeepSpeed run (ZeRO-1/2 hand back
+    clones, which would save tied weights twice)."""
+    from accelerate.utils import DistributedType
+
+    return is_sharded(model) or accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def gathered_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain CPU copy of a sharded HF (or peft) model holding `state_dict`, the full weights that
     ``accelerator.get_state_dict`` gathered onto the main process (keys as ``model.state_dict()``).
@@ -223,13 +233,13 @@ def gathered_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
 
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
-    with torch.device("meta"):
+    with torch.device("meta"), _no_zero3_init():
         plain = AutoModelForCausalLM.from_config(base.config)
-    if peft:
-        from peft import get_peft_model
+        if peft:
+            from peft import get_peft_model
 
-        name = model.active_adapter
-        plain = get_peft_model(plain, copy.deepcopy(model.peft_config[name]), adapter_name=name)
+            name = model.active_adapter
+            plain = get_peft_model(plain, copy.deepcopy(model.peft_config[name]), adapter_name=name)
     _, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
     (plain.get_base_model() if peft else plain).tie_weights()
     buffers = dict(model.named_buffers())  # never sharded: rotary tables and the like, on every process
@@ -242,6 +252,20 @@ def gathered_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
         raise RuntimeError(f"the gathered state dict does not fit the model: unexpected {unexpected[:3]}, "
                            f"missing {still_meta[:3]}")
     return plain.eval()
+
+
+@contextlib.contextmanager
+def _no_zero3_init():
+    """Build a model as on one device even while a ZeRO-3 run is configured: transformers would otherwise
+    partition it with `deepspeed.zero.Init`, a collective that only the main process would enter."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 # ------------------------------------------------------------------------------------ memory plan

@@ -197,7 +197,7 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: str, model_path: str) -> 
         warnings.warn(f"lora.init_adapter '{adapter_dir}' was trained on '{trained_on}', not on '{model_path}'")
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     disable_dropout(merged)
-    return merged
+    return merged.requires_grad_(True)  # peft froze the base for inference; the caller decides what trains
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

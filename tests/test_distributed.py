@@ -67,7 +67,8 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def launch(model_dir: str, out: str, per_device: int, processes: int, launch_args: list, script: str = TRAIN,
@@ -89,8 +90,10 @@ def weights(out: str, kind: str = "model") -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, kind, name))
 
 
-def assert_same_run(a: dict, b: dict, rel: float, abs_: float, kinds: tuple = ("model",), w_atol: float = 1e-5):
-    """Same loss curve (every logged step metric), same eval metrics, same exported weights."""
+def assert_same_run(a: dict, b: dict, rel: float, abs_: float, kinds: tuple = ("model",), w_atol: float = 1e-4):
+    """Same loss curve (every logged step metric, grad_norm included), same eval metrics, same exported
+    weights. AdamW divides by sqrt(v): where a gradient is ~0 it turns the rounding of another summation
+    order into up to a fraction of one step (lr 1e-3); w_atol 1e-4 is a tenth of one step."""
     assert [r["step"] for r in a["steps"]] == [r["step"] for r in b["steps"]] == [1, 2, 3, 4]
     for ra, rb in zip(a["steps"], b["steps"]):
         for key in STEP_KEYS:
@@ -169,6 +172,29 @@ def test_fsdp2_two_ranks_x2_equal_one_rank_x4(variant, request, tiny_model_dir, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config,variant", [("deepspeed_zero2.yaml", "full"), ("deepspeed_zero3.yaml", "full"),
+                                            ("deepspeed_zero3.yaml", "lora")])
+def test_deepspeed_two_ranks_x2_equal_one_rank_x4(config, variant, request, tiny_model_dir, tmp_path):
+    """The shipped ZeRO configs on 2 CPU gloo ranks, where the deepspeed package is installed (CI has
+    none: there the configs are only validated, below). ZeRO-2 keeps a replica reference, ZeRO-3 shards
+    it with deepspeed.initialize; both export a full model gathered on the main process."""
+    pytest.importorskip("deepspeed")
+    baseline = request.getfixturevalue(f"{variant}_baseline")
+    extra = {} if variant == "full" else dict(LORA)
+    if "zero3" in config:
+        # One LM-head chunk per forward: ZeRO-3 gathers the head's weights at every call, so processes
+        # with different numbers of label positions (hence chunks) wait on each other forever.
+        extra["train.logps_chunk_size"] = 100_000
+    run = launch(tiny_model_dir, str(tmp_path / "ds"), 2, 2,
+                 ["--config_file", os.path.join(CONFIGS, config), "--num_processes", "2", "--mixed_precision", "no",
+                  "--main_process_port", str(free_port())], script=os.path.abspath(__file__), **extra)
+    if variant == "full":
+        line = next(l for l in run["stdout"].splitlines() if "reference placement" in l)
+        assert ("sharded with DeepSpeed ZeRO-3" if "zero3" in config else "frozen replica") in line, line
+    assert_same_run(baseline, run, rel=1e-4, abs_=1e-5, kinds=("model",) if variant == "full" else ("adapter", "model"))
+
+
+@pytest.mark.slow
 def test_two_machines_from_the_slurm_script_equal_one_process_lora(lora_baseline, tiny_model_dir, tmp_path):
     """slurm_multinode.sh + multi_node.yaml, each 'machine' a localhost launch of 1 process: 2 ranks x 2
     pairs of LoRA with the adapter-off reference equal 1 process x 4 pairs."""
@@ -198,7 +224,11 @@ def launcher_args(config: str, *extra: str):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(["--config_file", os.path.join(CONFIGS, config), *extra, TRAIN])
-    return _validate_launch_command(args)[0]
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as launch_command does before the DeepSpeed launcher
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    return args
 
 
 def test_fsdp2_config_gives_the_fsdp2_plugin_train_py_needs(monkeypatch):
@@ -337,29 +367,34 @@ def test_memory_plan_per_backend():
     assert (z3.weights, z3.gradients, z3.optimizer, z3.reference) == (50, 5, 30, 0)
 
 
-# ------------------------------------------------------------------ FSDP2 on CPU: the launch target
+# ------------------------------------------------------ FSDP2 / DeepSpeed on CPU: the launch target
 
-def _run_with_fsdp_on_cpu(argv: list) -> int:
-    """train.main with Accelerate's state switched from MULTI_CPU to FSDP (see the module docstring)."""
+def _run_sharded_on_cpu(argv: list) -> int:
+    """train.main with Accelerate's state switched from MULTI_CPU to FSDP or DeepSpeed, as the launch
+    config asks (see the module docstring); everything else is the ordinary code path."""
     sys.path.insert(0, REPO)
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     from dpo_accel import train
 
     init = AcceleratorState.__init__
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        def init_sharded(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if self.distributed_type == DistributedType.MULTI_CPU:
+                self.distributed_type = DistributedType.FSDP
+                self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        PartialState(cpu=True)  # the gloo group train.py would get; DeepSpeed then reuses it
 
-    def init_as_fsdp(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        raise SystemExit("launch this file with an FSDP accelerate config")
-    AcceleratorState.__init__ = init_as_fsdp
+        def init_sharded(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "cpu": False})  # Accelerate takes the DeepSpeed branch only without cpu
+    else:
+        raise SystemExit("launch this file with an FSDP or DeepSpeed accelerate config")
+    AcceleratorState.__init__ = init_sharded
     return train.main(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_run_with_fsdp_on_cpu(sys.argv[1:]))
+    sys.exit(_run_sharded_on_cpu(sys.argv[1:]))

@@ -190,3 +190,22 @@ def test_two_gloo_ranks_gather_the_same_step_metrics_as_one_process(tiny_model_d
                     "logps/rejected", "grad_norm", "eval/loss", "eval/rewards/margins"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_main_job_command_runs_on_the_real_smollm2(smol_dir, tmp_path):
+    """The README's main command, shortened: real SmolLM2 + LoRA + shipped data, through `accelerate launch`."""
+    out = str(tmp_path / "main_job")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", "cpu_single.yaml"), os.path.join(REPO, "dpo_accel", "train.py"),
+           "--recipe", os.path.join(REPO, "recipes", "smollm2_arith_lora.yaml"),
+           "--set", "train.max_steps=2", "--set", "train.save_steps=1", "--set", f"train.output_dir={out}",
+           "--set", "data.max_eval_samples=8", "--set", "eval.generation_prompts=2", "--set", "eval.max_new_tokens=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| held-out measure (2 generations) | before | after |" in proc.stdout
+    assert "correct_rate" in proc.stdout and "LoRA base (adapters disabled)" in proc.stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["global_step"] == 2 and set(summary["exported"]) == {"adapter", "model"}
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [2]  # logging_steps 5: the last step is logged
