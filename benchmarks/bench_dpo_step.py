@@ -124,7 +124,8 @@ def _lognormal_words(rng: random.Random, spec: tuple) -> int:
 def build_pairs(setup: Setup, tokenizer) -> list[dict]:
     """``setup.pairs`` preference pairs, the same for every run: prompt = an instruction and a passage,
     chosen = the passage's true continuation, rejected = a passage from elsewhere. An answer is cut
-    (by words) until prompt + answer fits ``max_length`` - 8 tokens, so no configuration truncates."""
+    (by words) until prompt + answer fits ``max_length`` - 8 tokens, and a prompt until it fits
+    ``max_prompt_length``, so no configuration truncates."""
     words = " ".join(english_paragraphs()).split()
     rng = random.Random(setup.seed)
     budget = setup.max_length - 8
@@ -143,7 +144,11 @@ def build_pairs(setup: Setup, tokenizer) -> list[dict]:
     for _ in range(setup.pairs):
         n_prompt = _lognormal_words(rng, setup.prompt_words)
         start = rng.randrange(len(words) - 2000)
-        prompt = "Continue this passage from the Python documentation:\n\n" + " ".join(words[start:start + n_prompt])
+        while True:
+            prompt = "Continue this passage from the Python documentation:\n\n" + " ".join(words[start:start + n_prompt])
+            if n_prompt <= 1 or render(prompt) <= setup.max_prompt_length:
+                break
+            n_prompt = int(n_prompt * 0.9)
         answers = []
         for offset in (start + n_prompt, rng.randrange(len(words) - 2000)):
             n = _lognormal_words(rng, setup.answer_words)
@@ -184,8 +189,13 @@ def tokenized_dataset(setup: Setup, tokenizer, pairs: list[dict]):
     return tokenized["train"]
 
 
-def selected_batches(setup: Setup, dataset, grouped: bool) -> list[list[int]]:
-    """Row indices of the warm-up + timed batches: evenly spaced positions of one epoch of the sampler."""
+def selected_batches(setup: Setup, dataset, grouped: bool, how: str, pad_token_id: int) -> list[list[int]]:
+    """Row indices of the warm-up + timed batches from one epoch of the sampler (random or length-grouped).
+
+    The first warm-up batch is the epoch's largest for the row's forward (`how`, see `token_counts`), so
+    each configuration's peak memory is the one a whole epoch would reach; the timed batches sit at
+    evenly spaced positions of the epoch, so their tokens/s is the epoch's (grouped batches run from
+    long to short)."""
     from torch.utils.data import RandomSampler
 
     from dpo_accel.data import LengthGroupedSampler, sequence_lengths
@@ -196,10 +206,12 @@ def selected_batches(setup: Setup, dataset, grouped: bool) -> list[list[int]]:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(setup.seed))
     order = list(sampler)
     batches = [order[i:i + setup.batch_size] for i in range(0, len(order) - setup.batch_size + 1, setup.batch_size)]
-    n = setup.warmup + setup.steps
-    if n > len(batches):
-        raise SystemExit(f"--pairs {setup.pairs} gives {len(batches)} batches; need {n} (raise --pairs)")
-    return [batches[int((i + 0.5) * len(batches) / n)] for i in range(n)]
+    if setup.warmup + setup.steps > len(batches):
+        raise SystemExit(f"--pairs {setup.pairs} gives {len(batches)} batches; need {setup.warmup + setup.steps}")
+    largest = max(batches, key=lambda rows: token_counts(collate(dataset, rows, pad_token_id), how)[1])
+    timed = [batches[int((i + 0.5) * len(batches) / setup.steps)] for i in range(setup.steps)]
+    extra = [batches[int((i + 0.5) * len(batches) / setup.warmup)] for i in range(1, setup.warmup)]
+    return ([largest] if setup.warmup else []) + extra + timed
 
 
 def collate(dataset, rows: list[int], pad_token_id: int) -> dict:
@@ -314,10 +326,11 @@ def run_ours(setup: Setup, name: str) -> dict:
     check_speed_options(recipe)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision)
     device = accelerator.device
+    how = "separate" if naive else ("packed" if recipe.train.padding_free else "concat")
     tokenizer = load_tokenizer(setup)
     dataset = tokenized_dataset(setup, tokenizer, build_pairs(setup, tokenizer))
     batches = [collate(dataset, rows, tokenizer.pad_token_id)
-               for rows in selected_batches(setup, dataset, grouped=not naive)]
+               for rows in selected_batches(setup, dataset, not naive, how, tokenizer.pad_token_id)]
     policy = load_policy(recipe.model, recipe.lora, setup.model_path)
     n_params = base_parameter_count(policy)
     if naive:
@@ -347,13 +360,12 @@ def run_ours(setup: Setup, name: str) -> dict:
         reference = (lambda b: {k: v.detach() for k, v in naive_logps(module, b).items()}) if naive else \
             CopyReference(module, accelerator.autocast).logps
 
-    how = "separate" if naive else ("packed" if recipe.train.padding_free else "concat")
-    times, real, processed, losses = [], [], [], []
+    times, cpu, real, processed, losses = [], [], [], [], []
     for batch in batches:
         counts = token_counts(batch, how)
         batch = {k: v.to(device) for k, v in batch.items()}
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         policy_logps = naive_logps(model, batch) if naive else model(**batch)  # prepare() added autocast
         ref = reference(batch)
         out = compute_objective(recipe.loss, policy_logps, ref)
@@ -363,11 +375,12 @@ def run_ours(setup: Setup, name: str) -> dict:
         optimizer.zero_grad()
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         real.append(counts[0])
         processed.append(counts[1])
         losses.append(float(out.loss))
     peak, mem_kind = _peak_memory(device)
-    return dict(times=times, real=real, processed=processed, losses=losses, peak=peak, mem_kind=mem_kind,
+    return dict(times=times, cpu=cpu, real=real, processed=processed, losses=losses, peak=peak, mem_kind=mem_kind,
                 n_params=n_params, lora=recipe.lora.use_peft, dtype="bfloat16" if cfg.get("bf16") else "float32",
                 device=str(device))
 
@@ -390,23 +403,24 @@ def run_trl(setup: Setup, name: str) -> dict:
     tokenizer = load_tokenizer(setup)
     pairs = build_pairs(setup, tokenizer)
     dataset = tokenized_dataset(setup, tokenizer, pairs)
-    order = [i for rows in selected_batches(setup, dataset, grouped=False) for i in rows]
+    order = [i for rows in selected_batches(setup, dataset, False, "concat", tokenizer.pad_token_id) for i in rows]
     ours = [token_counts(collate(dataset, order[i:i + setup.batch_size], tokenizer.pad_token_id), "concat")
             for i in range(0, len(order), setup.batch_size)]
     train_rows = datasets.Dataset.from_list([pairs[int(dataset[int(i)]["source_idx"])] for i in order])
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.start, self.ends = None, []
+            self.start, self.ends, self.cpu_start, self.cpu_ends = None, [], None, []
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
                 _sync(device)
-                self.start = time.perf_counter()
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             _sync(device)
             self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
 
     class BenchDPOTrainer(DPOTrainer):
         seen: list = []
@@ -437,9 +451,11 @@ def run_trl(setup: Setup, name: str) -> dict:
         trainer.train()
     ends = clock.ends
     times = [ends[0] - clock.start] + [b - a for a, b in zip(ends, ends[1:])]
+    cpu_ends = clock.cpu_ends
+    cpu = [cpu_ends[0] - clock.cpu_start] + [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     seen = BenchDPOTrainer.seen
     peak, mem_kind = _peak_memory(device)
-    return dict(times=times, real=[s[0] for s in seen], processed=[s[1] for s in seen],
+    return dict(times=times, cpu=cpu, real=[s[0] for s in seen], processed=[s[1] for s in seen],
                 ours_real=[c[0] for c in ours], peak=peak, mem_kind=mem_kind, n_params=n_params,
                 lora=setup.lora_r > 0, dtype="bfloat16" if args.bf16 else "float32", device=str(device),
                 trl_version=trl.__version__, gradient_checkpointing=bool(args.gradient_checkpointing))
@@ -455,7 +471,8 @@ def run_check(setup: Setup, name: str = "check") -> dict:
     recipe = recipe_for(setup, {})
     tokenizer = load_tokenizer(setup)
     dataset = tokenized_dataset(setup, tokenizer, build_pairs(setup, tokenizer))
-    batch = collate(dataset, selected_batches(setup, dataset, grouped=False)[0], tokenizer.pad_token_id)
+    rows = selected_batches(setup, dataset, False, "separate", tokenizer.pad_token_id)[-1]
+    batch = collate(dataset, rows, tokenizer.pad_token_id)
     policy = load_policy(recipe.model, recipe.lora, setup.model_path).train()
     if recipe.lora.use_peft:
         generator = torch.Generator().manual_seed(setup.seed)
@@ -554,7 +571,8 @@ def summarise(name: str, r: dict, roof: dict, warmup: int) -> dict:
     return dict(name=name, label=CONFIGS[name]["label"], step_s=statistics.median(times), real_tps=real_tps,
                 processed_tps=sum(processed) / total, pad_ratio=sum(processed) / sum(real), peak_gb=r["peak"] / 2 ** 30,
                 mfu=flops_per_token * real_tps / roof[r["dtype"]], dtype=r["dtype"], mem_kind=r["mem_kind"],
-                real_per_step=sum(real) / len(real))
+                real_per_step=sum(real) / len(real),
+                cpu_s=statistics.median(r["cpu"][warmup:]) if r.get("cpu") else float("nan"))
 
 
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
@@ -564,20 +582,21 @@ def format_table(rows: list[dict], roof: dict, shared_process: bool) -> str:
     base_trl = next((r for r in rows if r["name"] == "trl"), None)
     base_naive = next((r for r in rows if r["name"] == "naive"), None)
     mem = "peak GB" if not shared_process else "peak GB (shared process: not per row)"
-    lines = [f"| configuration | step s (median) | real tok/s | processed tok/s | pad x | {mem} | MFU "
+    lines = [f"| configuration | step s (median) | CPU s/step | real tok/s | processed tok/s | pad x | {mem} | MFU "
              f"| tok/s vs TRL | mem vs TRL | tok/s vs naive |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def ratio(r, base, key):
         return f"{r[key] / base[key]:.2f}x" if base else "-"
 
     for r in rows:
-        lines.append(f"| {r['label']} | {r['step_s']:.2f} | {r['real_tps']:.0f} | {r['processed_tps']:.0f} "
+        lines.append(f"| {r['label']} | {r['step_s']:.2f} | {r['cpu_s']:.1f} | {r['real_tps']:.0f} | {r['processed_tps']:.0f} "
                      f"| {r['pad_ratio']:.2f} | {r['peak_gb']:.2f} | {100 * r['mfu']:.1f}% ({SHORT_DTYPE[r['dtype']]}) "
                      f"| {ratio(r, base_trl, 'real_tps')} | {ratio(r, base_trl, 'peak_gb')} "
                      f"| {ratio(r, base_naive, 'real_tps')} |")
     lines.append(f"\nroof (2048^3 matmul, measured here): float32 {roof['float32'] / 1e9:.0f} GFLOP/s, "
-                 f"bfloat16 {roof['bfloat16'] / 1e9:.0f} GFLOP/s; MFU uses the roof of the row's dtype.")
+                 f"bfloat16 {roof['bfloat16'] / 1e9:.0f} GFLOP/s; MFU uses the roof of the row's dtype. CPU s/step: "
+                 "process CPU time of all threads (less sensitive than wall time to other load on the machine).")
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, t
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every rank has written its RNG / shard files before the rename
     if accelerator.is_main_process:
         dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:  # written last: marks the folder complete

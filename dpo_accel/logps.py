@@ -22,6 +22,7 @@ keeps the sequences apart (checked by the tests against the padded result).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -165,11 +166,24 @@ def _chunk_logps(head: torch.nn.Module, transform, wpo: bool, hidden: torch.Tens
     return token_logps, adjust
 
 
+def _synced_chunk_count(head: torch.nn.Module, n_chunks: int) -> int:
+    """Under DeepSpeed ZeRO-3 every call of the head gathers its weight from all ranks, so every rank
+    must call it equally often: run the largest chunk count of any rank (the extra chunks are empty)."""
+    weight = getattr(head, "weight", None)
+    if weight is None or not hasattr(weight, "ds_id") or not torch.distributed.is_initialized():
+        return n_chunks
+    count = torch.tensor([n_chunks], device=weight.device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
+
+
 def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
     """Chunked `_chunk_logps` over [N, H]; each chunk is checkpointed so its [chunk, V] logits are
     recomputed in backward instead of kept."""
     outs = []
-    for start in range(0, max(hidden.shape[0], 1), chunk_size):  # one empty chunk when no label: zeros, in the graph
+    n_chunks = _synced_chunk_count(head, max(math.ceil(hidden.shape[0] / chunk_size), 1))
+    for i in range(n_chunks):  # an empty chunk (no label left) gives zeros, still in the graph
+        start = i * chunk_size
         args = (head, transform, wpo, hidden[start:start + chunk_size], targets[start:start + chunk_size])
         if torch.is_grad_enabled():
             outs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))

@@ -154,6 +154,9 @@ CHOICES = {
 }
 
 
+YAML_BOOL_WORDS = {"train.mixed_precision": {False: "no"}}
+
+
 def _suggest(key: str, candidates: list[str]) -> str:
     leaf = key.split(".")[-1]
     by_leaf = [c for c in candidates if c.split(".")[-1] == leaf]
@@ -183,6 +186,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         raise errors[0]
     if hint is Any:
         return value
+    if hint is str and isinstance(value, bool) and value in YAML_BOOL_WORDS.get(path, {}):
+        return YAML_BOOL_WORDS[path][value]  # YAML 1.1 reads an unquoted `no` as False
     if origin is list or hint is list:
         if not isinstance(value, list):
             raise RecipeError(f"recipe key '{path}' must be a list, got {type(value).__name__} {value!r}")

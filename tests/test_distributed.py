@@ -2,9 +2,10 @@
 shipped GPU-only config is read by Accelerate's own launcher code; reference placement per backend.
 
 The equivalence runs share one in-process baseline (1 process x 4 pairs, 4 steps, 7 eval pairs) and
-each launch asserts its process count. Run as a script (``__main__`` below), this file is the FSDP2
-launch target: Accelerate 1.15 turns an FSDP launch on CPU-only processes into DDP (MULTI_CPU), so the
-script switches that one state field to FSDP and then runs the real train.py code path.
+each launch asserts its process count. Run as a script (``__main__`` below), this file is the FSDP2 and
+DeepSpeed launch target: Accelerate 1.15 turns such a launch on CPU-only processes into DDP (MULTI_CPU),
+so the script switches that one state field (FSDP) or lets Accelerate take its DeepSpeed branch over the
+same gloo group, then runs the real train.py code path.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def launch(model_dir: str, out: str, per_device: int, processes: int, launch_arg
     for s in run_overrides(model_dir, out, per_device, **extra):
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert f"| {processes} process(es)" in proc.stdout, proc.stdout[-2000:]
     return {**read_run(out), "stdout": proc.stdout}
 
@@ -150,11 +151,10 @@ def test_ddp_two_ranks_x2_equal_one_rank_x4_full_finetune(full_baseline, tiny_mo
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_fsdp2_two_ranks_x2_equal_one_rank_x4(variant, request, tiny_model_dir, tmp_path):
-    """(b) the shipped fsdp2.yaml on 2 CPU gloo ranks. Full: policy and frozen-copy reference sharded,
-    sharded checkpoints. LoRA: sharded policy, adapter-off reference, adapter and merged model exported
-    from the gathered weights."""
+    """(b) the shipped fsdp2.yaml on 2 CPU gloo ranks. Full: policy and frozen-copy reference sharded.
+    LoRA: sharded policy, adapter-off reference. Both export from the gathered weights."""
     baseline = request.getfixturevalue(f"{variant}_baseline")
-    extra = {"train.save_steps": 4} if variant == "full" else LORA
+    extra = {} if variant == "full" else LORA
     sharded = launch(tiny_model_dir, str(tmp_path / "fsdp"), 2, 2,
                      ["--config_file", os.path.join(CONFIGS, "fsdp2.yaml"), "--num_processes", "2",
                       "--mixed_precision", "no", "--main_process_ip", "127.0.0.1", "--main_process_port",
@@ -165,8 +165,6 @@ def test_fsdp2_two_ranks_x2_equal_one_rank_x4(variant, request, tiny_model_dir, 
         assert "sharded with FSDP2" in line and "on each of 2 process(es)" in line, line
         local, total = (float(x.rstrip("M")) for x in line.split(", ")[-1].split(" parameters")[0].split(" of "))
         assert local == pytest.approx(total / 2, rel=0.01), line
-        ckpt = os.path.join(sharded["out"], "checkpoints", "checkpoint-0000004")
-        assert any(name.startswith("pytorch_model_fsdp") for name in os.listdir(ckpt)), os.listdir(ckpt)
     kinds = ("model",) if variant == "full" else ("adapter", "model")
     assert_same_run(baseline, sharded, rel=1e-4, abs_=1e-5, kinds=kinds)
 

@@ -188,6 +188,28 @@ def test_objective_learns_end_to_end(case, small_model_dir, tmp_path, reference_
         assert "| eval/nll |" in summary["table"]
 
 
+def test_aot_equals_dpo_exactly_while_the_batch_keeps_its_margin_ranks():
+    """Why the aot run above logs the same numbers as sigmoid (to 4 decimals): on this data the policy's and
+    the reference's margins π_w - π_l rank the 4 pairs of a batch the same way for all 12 steps (the long
+    rejected answers put ~100 nats between pairs, training moves margins by < 1), and with equal ranks the
+    sorted differences ARE the paired ones. Once ranks differ, AOT and DPO part."""
+    import torch
+
+    from dpo_accel.losses import compute_objective
+    from dpo_accel.recipe import LossConfig
+
+    ref = {"chosen_logps": torch.tensor([-10.0, -20.0, -30.0]), "rejected_logps": torch.tensor([-50.0, -70.0, -31.0])}
+    same_ranks = {"chosen_logps": ref["chosen_logps"] + torch.tensor([0.5, -0.2, 0.1]),  # margins 40, 50, 1 move < 1
+                  "rejected_logps": ref["rejected_logps"] + torch.tensor([-0.3, 0.4, 0.0])}
+    swapped = {"chosen_logps": ref["chosen_logps"],  # margins 40, 35, 1: pairs 1 and 2 trade ranks
+               "rejected_logps": torch.tensor([-50.0, -55.0, -31.0])}
+
+    def loss(name, policy):
+        return compute_objective(LossConfig(loss_type=name), policy, ref).loss.item()
+    assert loss("aot", same_ranks) == pytest.approx(loss("sigmoid", same_ranks), rel=1e-6)
+    assert abs(loss("aot", swapped) - loss("sigmoid", swapped)) > 1e-3
+
+
 @pytest.mark.slow
 def test_reference_free_objectives_use_less_peak_memory_than_a_frozen_copy(tmp_path):
     """Peak RSS of the same run (a ~24M-parameter model, 2 steps) in fresh processes: sigmoid with a frozen

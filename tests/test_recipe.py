@@ -46,6 +46,7 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     assert load_recipe(None, ["train.learning_rate=1e-5"]).train.learning_rate == 1e-5  # YAML 1.1 reads a string
     assert parse_override("lora.lora_target_modules=[q_proj, v_proj]")[1] == ["q_proj", "v_proj"]
     assert parse_override("train.mixed_precision=null")[1] is None
+    assert load_recipe(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML 1.1: no -> False
     recipe = load_recipe(None, ["train.learning_rate=3e-4", "lora.use_peft=true", "loss.beta=1"])
     assert recipe.train.learning_rate == 3e-4 and recipe.lora.use_peft is True
     assert isinstance(recipe.loss.beta, float)  # ints are accepted where a float is expected

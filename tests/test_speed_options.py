@@ -1,0 +1,303 @@
+"""Speed and memory options (dpo_accel.speed and the recipe keys behind them) and the benchmark's smoke run.
+
+What each test proves, on CPU with tiny models:
+- gradient checkpointing (non-reentrant) with LoRA through the lean log-prob path keeps far fewer
+  activations and gives the same log-probs and LoRA gradients;
+- train.torch_compile compiles the decoder in place (parameter names unchanged) and gives the same
+  packed log-probs and gradients (dynamo's "eager" backend here: TorchInductor's C++ build takes
+  minutes on 2 cores; the benchmark's `compile` row runs inductor);
+- the micro-batch search walks the divisors of the global batch and retries only on out-of-memory errors;
+- in the real loop, packing (train.padding_free) + gradient checkpointing + auto_find_batch_size (an
+  out-of-memory error forced above 2 pairs) train exactly like the plain 4-pair run;
+- QLoRA and torch.compile are refused with one line where they cannot run;
+- the benchmark runs end to end (--quick, TRL absent) and its float32 check holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import reset_accelerate, tiny_overrides
+from dpo_accel import speed, train
+from dpo_accel.logps import PreferenceLogpsModel
+from dpo_accel.modeling import load_policy
+from dpo_accel.recipe import RecipeError, load_recipe
+
+OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes."
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+@pytest.fixture(scope="module")
+def small_llama_dir(tmp_path_factory) -> str:
+    """A 2-layer random Llama (vocab 320) saved as a HF folder, so load_policy's real path is used."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128, pad_token_id=0,
+                         eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)  # sharp logits, so a wrong path shows in the log-probs
+    path = str(tmp_path_factory.mktemp("small_llama"))
+    model.save_pretrained(path)
+    return path
+
+
+def lora_policy(path: str, **model_keys):
+    sets = [f"model.model_name_or_path={path}", "lora.use_peft=true", "lora.lora_r=4", "lora.lora_dropout=0.0"]
+    sets += [f"model.{k}={v}" for k, v in model_keys.items()]
+    recipe = load_recipe(None, sets)
+    policy = load_policy(recipe.model, recipe.lora, path).train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the same adapter every time, with B away from 0 so it matters
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return policy
+
+
+def make_batch(B=3, T=24, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    batch = {}
+    for s, side in enumerate(("chosen", "rejected")):
+        ids = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        for b in range(B):
+            n = T - 3 * b - s
+            ids[b, :n] = torch.randint(3, 320, (n,), generator=g)
+            ids[b, n - 1] = 2
+            mask[b, :n] = 1
+            labels[b, 6:n] = ids[b, 6:n]
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    return batch
+
+
+def logps_and_grads(policy, batch, **opts):
+    module = PreferenceLogpsModel(policy, chunk_size=16, **opts)
+    out = module(**batch)
+    (out["chosen_logps"].sum() - 0.5 * out["rejected_logps"].sum()).backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    policy.zero_grad(set_to_none=True)
+    return torch.cat([out["chosen_logps"], out["rejected_logps"]]).detach(), grads
+
+
+def saved_activation_bytes(policy, batch) -> int:
+    """Bytes autograd keeps for backward during one forward of the lean path (outside checkpoints)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = PreferenceLogpsModel(policy, chunk_size=16)(**batch)
+    out["chosen_logps"].sum().backward()
+    policy.zero_grad(set_to_none=True)
+    return total[0]
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if "loss" in json.loads(line)]
+
+
+def adapter_weights(output_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "adapter", "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------- gradient checkpointing
+
+def test_gradient_checkpointing_with_lora_through_the_lean_path(small_llama_dir):
+    batch = make_batch()
+    plain = lora_policy(small_llama_dir)
+    ckpt = lora_policy(small_llama_dir, gradient_checkpointing=True)
+    assert all(layer.gradient_checkpointing for layer in ckpt.get_base_model().model.layers)
+    a_logps, a_grads = logps_and_grads(plain, batch)
+    b_logps, b_grads = logps_and_grads(ckpt, batch)
+    torch.testing.assert_close(b_logps, a_logps, atol=1e-5, rtol=1e-6)
+    assert a_grads.keys() == b_grads.keys() and len(a_grads) > 0
+    for name in a_grads:
+        assert a_grads[name].abs().sum() > 0 or "lora_A" in name  # B != 0: every LoRA matrix gets a gradient
+        torch.testing.assert_close(b_grads[name], a_grads[name], atol=1e-5, rtol=1e-4)
+    # The memory is really saved: the decoder layers keep their activations only inside checkpoints.
+    assert saved_activation_bytes(ckpt, batch) < 0.3 * saved_activation_bytes(plain, batch)
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+
+def test_compiled_decoder_matches_eager_with_lora_and_packing(small_llama_dir):
+    """train.torch_compile through apply_speed_options (what train.py calls), packed rows of varying length."""
+    torch._dynamo.reset()
+    batch = make_batch()
+    eager = lora_policy(small_llama_dir)
+    compiled = lora_policy(small_llama_dir)
+    recipe = load_recipe(None, ["train.torch_compile=true", "train.torch_compile_backend=eager"])
+    speed.apply_speed_options(None, recipe, PreferenceLogpsModel(compiled), None, 0)
+    decoder = compiled.get_base_model().model
+    assert decoder._compiled_call_impl is not None
+    assert not any("_orig_mod" in k for k in compiled.state_dict())  # checkpoints keep their names
+    a_logps, a_grads = logps_and_grads(eager, batch, packing=True)
+    counters.clear()
+    b_logps, b_grads = logps_and_grads(compiled, batch, packing=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the decoder
+    torch.testing.assert_close(b_logps, a_logps, atol=1e-5, rtol=1e-6)
+    for name in a_grads:
+        torch.testing.assert_close(b_grads[name], a_grads[name], atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_refusals(monkeypatch):
+    recipe = load_recipe(None, ["train.torch_compile=true"])
+    monkeypatch.setattr(speed, "_cpp_compiler", lambda: None)
+    with pytest.raises(RecipeError, match="needs a C\\+\\+ compiler"):
+        speed.check_speed_options(recipe, cuda=False)
+    speed.check_speed_options(recipe, cuda=True)  # CUDA inductor builds Triton kernels, no C++ needed
+    speed.check_speed_options(load_recipe(None, ["train.torch_compile=true", "train.torch_compile_backend=eager"]),
+                              cuda=False)
+    with pytest.raises(RecipeError, match="is not a torch.compile backend"):
+        speed.check_speed_options(load_recipe(None, ["train.torch_compile=true",
+                                                     "train.torch_compile_backend=inductr"]), cuda=False)
+    with pytest.raises(RecipeError, match="train.torch_compile is false"):
+        speed.check_speed_options(load_recipe(None, ["train.torch_compile_backend=eager"]), cuda=False)
+
+
+# ------------------------------------------------------------------------------------------ QLoRA
+
+def test_qlora_is_refused_clearly_without_cuda_or_lora(capsys):
+    with pytest.raises(RecipeError, match="lora.use_peft: true"):
+        speed.check_speed_options(load_recipe(None, ["model.load_in_4bit=true"]), cuda=True)
+    qlora = load_recipe(None, ["model.load_in_4bit=true", "lora.use_peft=true"])
+    with pytest.raises(RecipeError, match="needs a CUDA GPU"):
+        speed.check_speed_options(qlora, cuda=False)
+    if not torch.cuda.is_available():  # the command line stops with one line, before any compute
+        assert train.main(["--set", "model.load_in_4bit=true", "--set", "lora.use_peft=true"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "model.load_in_4bit" in err and "CUDA" in err
+    cfg = speed.bnb_4bit_config(qlora.model)
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------- micro-batch search
+
+def test_micro_batch_search_walks_divisors_and_retries_only_out_of_memory():
+    assert speed.micro_batch_candidates(12) == [12, 6, 4, 3, 2, 1]
+    assert speed.micro_batch_candidates(1) == [1]
+    tried = []
+
+    def fits_three(micro):
+        tried.append(micro)
+        if micro > 3:
+            raise RuntimeError(OOM)
+
+    assert speed.find_micro_batch(fits_three, 12) == 3
+    assert tried == [12, 6, 4, 3]
+
+    def broken(micro):
+        raise RuntimeError("shape mismatch")  # not memory: must not be retried with a smaller batch
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        speed.find_micro_batch(broken, 8)
+
+    def never_fits(micro):
+        raise RuntimeError(OOM)
+
+    with pytest.raises(RecipeError, match="even a micro-batch of 1 pair"):
+        speed.find_micro_batch(never_fits, 4)
+
+
+# ------------------------------------------------------------------------------------- the real loop
+
+LOOP = {"lora.use_peft": True, "lora.lora_r": 4, "lora.lora_alpha": 8, "lora.lora_dropout": 0.0,
+        "train.max_steps": 2, "data.max_train_samples": 8, "eval.do_eval": False, "train.export_merged": False}
+
+
+def run_loop(model_dir: str, out: str, **extra) -> list[dict]:
+    reset_accelerate()
+    train.run(load_recipe(None, tiny_overrides(model_dir, out, **{**LOOP, **extra})))
+    reset_accelerate()
+    return read_metrics(out)
+
+
+def assert_same_run(a_dir: str, b_dir: str, a_rows: list[dict], b_rows: list[dict]) -> None:
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows] == [1, 2]
+    for a, b in zip(a_rows, b_rows):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    a_w, b_w = adapter_weights(a_dir), adapter_weights(b_dir)
+    assert a_w.keys() == b_w.keys()
+    for name in a_w:
+        torch.testing.assert_close(b_w[name], a_w[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("plain") / "run")
+    return out, run_loop(tiny_model_dir, out)
+
+
+def test_packing_checkpointing_and_auto_batch_in_the_real_loop(tiny_model_dir, plain_run, tmp_path, monkeypatch,
+                                                               capsys):
+    """padding_free + gradient_checkpointing + auto_find_batch_size (on a machine where more than 2 pairs
+    per forward run out of memory) train exactly like the plain 4-pair run: same pairs per optimizer
+    step (2 x 2 accumulation), same per-step metrics, same weights."""
+    forward = PreferenceLogpsModel.forward
+    seen = []
+
+    def small_memory(self, **batch):
+        seen.append(batch["chosen_input_ids"].shape[0])
+        if batch["chosen_input_ids"].shape[0] > 2:
+            raise RuntimeError(OOM)
+        return forward(self, **batch)
+
+    monkeypatch.setattr(PreferenceLogpsModel, "forward", small_memory)
+    out = str(tmp_path / "fast")
+    rows = run_loop(tiny_model_dir, out, **{"train.padding_free": True, "model.gradient_checkpointing": True,
+                                            "train.auto_find_batch_size": True})
+    assert "micro-batch 2 pairs x 2 accumulation steps = 4 pairs" in capsys.readouterr().out
+    assert seen[:2] == [4, 2] and set(seen[2:]) == {2}  # 4 refused once, then only 2-pair forwards
+    assert_same_run(plain_run[0], out, plain_run[1], rows)
+    with open(os.path.join(out, "recipe.yaml")) as f:
+        assert "auto_find_batch_size: true" in f.read()
+
+
+# ------------------------------------------------------------------------------------- benchmark
+
+def test_benchmark_quick_smoke(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_dpo_step as bench
+
+    monkeypatch.setitem(__import__("sys").modules, "trl", None)  # the TRL row must skip cleanly without trl
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--no-subprocess", "--steps", "1", "--warmup", "1", "--pairs", "16",
+                       "--configs", "naive,default,fastest_bf16,leanest,trl", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"naive", "default", "fastest_bf16", "leanest"}
+    for r in rows.values():
+        assert r["real_tps"] > 0 and r["processed_tps"] >= r["real_tps"] * 0.999 and 0 < r["mfu"] < 1
+    assert rows["leanest"]["pad_ratio"] == pytest.approx(1.0)  # packed: no padding processed
+    assert "trl is not importable" in result["raw"]["trl"]["skipped"]
+    check = result["raw"]["check"]
+    for path in ("default", "leanest"):
+        assert check[path]["logps_rel"] <= 1e-5 and check[path]["loss_abs"] <= 1e-5, check
+    assert "| naive: 2 forwards" in text and "[ok] default vs naive" in text
+
+    # The subprocess worker's entry point (what each row runs in its own process), here in-process.
+    setup = bench.Setup(model_path=bench.tiny_model_dir(str(tmp_path / "tiny")), conversational=False, pairs=8,
+                        max_length=128, max_prompt_length=64, steps=1, warmup=0, prompt_words=(2.0, 0.6, 2, 12),
+                        answer_words=(2.2, 0.8, 2, 30), quick=True)
+    worker_out = tmp_path / "worker.json"
+    assert bench.main(["--worker", "default", "--setup", json.dumps(bench.dataclasses.asdict(setup)),
+                       "--out", str(worker_out)]) == 0
+    worker = json.loads(worker_out.read_text())
+    assert len(worker["times"]) == 1 and worker["peak"] > 0 and worker["real"][0] > 0
