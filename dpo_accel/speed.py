@@ -16,6 +16,7 @@ decoder body directly), ``train.padding_free`` and ``train.logps_chunk_size`` (l
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from typing import Callable, Optional
@@ -51,11 +52,9 @@ def check_speed_options(recipe: Recipe, cuda: Optional[bool] = None) -> None:
         if not cuda:
             raise RecipeError("model.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not "
                               "run on this CPU-only machine; set model.load_in_4bit: false")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("bitsandbytes") is None:
             raise RecipeError("model.load_in_4bit needs bitsandbytes: pip install bitsandbytes "
-                              "(or set model.load_in_4bit: false)") from None
+                              "(or set model.load_in_4bit: false)")
     if t.torch_compile_backend is not None and not t.torch_compile:
         raise RecipeError("train.torch_compile_backend is set but train.torch_compile is false; "
                           "set train.torch_compile: true or drop the backend")

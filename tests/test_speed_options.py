@@ -277,15 +277,17 @@ def test_benchmark_quick_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "trl", None)  # the TRL row must skip cleanly without trl
     out = tmp_path / "bench.json"
     code = bench.main(["--quick", "--no-subprocess", "--steps", "1", "--warmup", "1", "--pairs", "16",
-                       "--configs", "naive,default,fastest_bf16,leanest,trl", "--json", str(out)])
+                       "--configs", "naive,default,leanest,fastest_bf16_pre,packed,trl", "--json", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"naive", "default", "fastest_bf16", "leanest"}
+    assert set(rows) == {"naive", "default", "leanest", "fastest_bf16_pre", "packed"}
     for r in rows.values():
         assert r["real_tps"] > 0 and r["processed_tps"] >= r["real_tps"] * 0.999 and 0 < r["mfu"] < 1
-    assert rows["leanest"]["pad_ratio"] == pytest.approx(1.0)  # packed: no padding processed
+    assert rows["packed"]["pad_ratio"] == pytest.approx(1.0)  # packed: no padding processed
+    assert rows["fastest_bf16_pre"]["precomputed"] and rows["fastest_bf16_pre"]["prepass_s"] > 0
+    assert "fastest_bf16_pre: reference pre-pass" in text
     assert "trl is not importable" in result["raw"]["trl"]["skipped"]
     check = result["raw"]["check"]
     for path in ("default", "leanest"):
