@@ -11,8 +11,10 @@ optional ones):
 
     naive             two separate forwards (chosen, rejected) through the full [B, T, V] logits, float32
                       log_softmax, random batches; the reference the same with the LoRA adapter switched off
-    default           dpo_accel's recipe defaults: one concatenated forward, chunked LM head on label
-                      positions only (logps_chunk_size 1024), length-grouped batches, float32
+    default           dpo_accel's recipe defaults: one forward per batch with prefix sharing (each pair's
+                      prompt run once: one row [prompt | chosen answer | rejected answer] with a mask that
+                      keeps the answers apart), chunked LM head on label positions only
+                      (logps_chunk_size 1024), length-grouped batches, float32
     fastest           default with 256-position LM-head chunks (a smaller transient at the same speed)
     fastest_bf16      + bf16 weights (model.dtype bfloat16; LoRA stays float32) and bf16 autocast
     leanest           + gradient checkpointing (non-reentrant), 128-position chunks, bf16 weights + autocast
@@ -22,7 +24,9 @@ optional ones):
                       cached on disk across runs and epochs), so the step runs the policy only (4 N per token)
     trl               TRL DPOTrainer with DPOConfig's defaults (gradient checkpointing on, bf16 on) on the same
                       model, LoRA, pairs and batches (only when `trl` is importable; skipped otherwise)
-    optional          default_bf16, packed, packed_bf16 (train.padding_free: on CPU the packed row's dense
+    optional          unshared, unshared_bf16 (fastest / fastest_bf16 with prefix_sharing off: chosen and
+                      rejected rows stacked [2B, T], the original DPO trainer's layout), default_bf16,
+                      packed, packed_bf16 (train.padding_free: on CPU the packed row's dense
                       block-diagonal attention costs more than length grouping's little padding), leanest_fp32,
                       compile (torch.compile/inductor of the decoder; the warm-up step compiles),
                       trl_fp32 (bf16=False), trl_no_gc (gradient_checkpointing=False)
@@ -35,8 +39,10 @@ untimed ones) on batches at evenly spaced positions of its own sampler's epoch (
 length-grouped), so every sampler is sampled fairly; TRL gets the naive row's batches, in order.
 
 Columns: median step time; real tokens/s (non-padding tokens of chosen and rejected rows over the timed
-steps' total time); processed tokens/s (the tokens the decoder actually ran on, padding included);
-peak memory; MFU = F x real tokens/s / roof, with F = 6 N per real token for LoRA (policy forward,
+steps' total time: the pairs' tokens, as TRL counts them, so rows compare pairs per second); processed
+tokens/s (the tokens the decoder actually ran on, padding included, a shared prefix once); peak memory;
+MFU = F x unique tokens/s / roof, unique = the real tokens the decoder ran (= real, except that prefix
+sharing runs a pair's common prefix once), with F = 6 N per token for LoRA (policy forward,
 activation gradients, reference forward; no weight gradients for the frozen base) or 8 N for full
 fine-tuning (+ weight gradients), 2 N less where the reference is precomputed, N the base model's
 parameters, and the roof the best 2048^3 matmul rate of the row's dtype measured here (before and
@@ -73,7 +79,7 @@ IGNORE_INDEX = -100
 # name -> what it is. "kind": ours | naive | trl; the rest are recipe switches of our loop.
 CONFIGS = {
     "naive": dict(kind="naive", label="naive: 2 forwards, full logits, random batches"),
-    "default": dict(kind="ours", label="dpo_accel default (lean log-probs, length-grouped)"),
+    "default": dict(kind="ours", label="dpo_accel default (lean log-probs, prefix sharing, length-grouped)"),
     "fastest": dict(kind="ours", label="dpo_accel fastest fp32 (chunk 256)", chunk_size=256),
     "fastest_bf16": dict(kind="ours", label="dpo_accel fastest bf16 (bf16 weights + autocast, chunk 256)",
                          chunk_size=256, bf16=True, bf16_weights=True),
@@ -90,6 +96,9 @@ CONFIGS = {
     "leanest_fp32": dict(kind="ours", label="dpo_accel grad ckpt + chunk 128, float32", gradient_checkpointing=True,
                          chunk_size=128),
     "compile": dict(kind="ours", label="dpo_accel fastest fp32 + torch.compile", chunk_size=256, compile=True),
+    "unshared": dict(kind="ours", label="fastest fp32 without prefix sharing", chunk_size=256, prefix_sharing=False),
+    "unshared_bf16": dict(kind="ours", label="fastest bf16 without prefix sharing", chunk_size=256, bf16=True,
+                          bf16_weights=True, prefix_sharing=False),
     "trl_fp32": dict(kind="trl", label="TRL DPOTrainer, bf16=False", bf16=False),
     "trl_no_gc": dict(kind="trl", label="TRL DPOTrainer, gradient_checkpointing=False", gradient_checkpointing=False),
 }
@@ -226,7 +235,7 @@ def selected_batches(setup: Setup, dataset, grouped: bool, how: str, pad_token_i
     batches = [order[i:i + setup.batch_size] for i in range(0, len(order) - setup.batch_size + 1, setup.batch_size)]
     if setup.warmup + setup.steps > len(batches):
         raise SystemExit(f"--pairs {setup.pairs} gives {len(batches)} batches; need {setup.warmup + setup.steps}")
-    largest = max(batches, key=lambda rows: token_counts(collate(dataset, rows, pad_token_id), how)[1])
+    largest = max(batches, key=lambda rows: token_counts(collate(dataset, rows, pad_token_id), how)[2])
     timed = [batches[int((i + 0.5) * len(batches) / setup.steps)] for i in range(setup.steps)]
     extra = [batches[int((i + 0.5) * len(batches) / setup.warmup)] for i in range(1, setup.warmup)]
     return ([largest] if setup.warmup else []) + extra + timed
@@ -238,20 +247,20 @@ def collate(dataset, rows: list[int], pad_token_id: int) -> dict:
     return PreferenceCollator(pad_token_id)([dataset[int(i)] for i in rows])
 
 
-def token_counts(batch: dict, how: str) -> tuple[int, int]:
-    """(real, processed) tokens of a collated batch: processed is what the decoder runs on under `how`:
-    'separate' (two forwards, each side padded to its own longest row), 'concat' (one [2B, T] forward,
-    T the longest real row), 'packed' (the real tokens only)."""
+def token_counts(batch: dict, how: str) -> tuple[int, int, int]:
+    """(real, unique, processed) tokens of a collated batch. real: the non-padding tokens of the chosen and
+    rejected rows; unique: those the decoder runs, a prefix shared by a pair's two rows counted once
+    (prefix sharing) or twice (every other layout); processed: what the decoder runs on, padding
+    included, under `how`: 'separate' (two forwards, each side padded to its own longest row), or a
+    layout of dpo_accel (logps.processed_tokens: 'concat' one [2B, T] forward, 'shared', 'packed')."""
+    from dpo_accel.logps import processed_tokens, shared_prefix_lengths
+
     cm, rm = batch["chosen_attention_mask"], batch["rejected_attention_mask"]
     real = int(cm.sum() + rm.sum())
     if how == "separate":
-        processed = cm.numel() + rm.numel()
-    elif how == "concat":
-        longest = max(int(cm.sum(-1).max()), int(rm.sum(-1).max()))
-        processed = (cm.shape[0] + rm.shape[0]) * longest
-    else:
-        processed = real
-    return real, processed
+        return real, real, cm.numel() + rm.numel()
+    unique = real - int(shared_prefix_lengths(batch).sum()) if how == "shared" else real
+    return real, unique, processed_tokens(batch, how)
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -293,6 +302,7 @@ def recipe_for(setup: Setup, cfg: dict):
         "data": {"max_length": setup.max_length, "max_prompt_length": setup.max_prompt_length},
         "train": {"per_device_train_batch_size": setup.batch_size, "learning_rate": 5e-6,
                   "logps_chunk_size": int(cfg.get("chunk_size", 1024)), "padding_free": bool(cfg.get("packing")),
+                  "prefix_sharing": cfg.get("prefix_sharing"),  # None: the recipe default (auto)
                   "mixed_precision": "bf16" if cfg.get("bf16") else "no", "torch_compile": bool(cfg.get("compile"))},
     })
 
@@ -344,19 +354,20 @@ def run_ours(setup: Setup, name: str) -> dict:
     check_speed_options(recipe)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision)
     device = accelerator.device
-    how = "separate" if naive else ("packed" if recipe.train.padding_free else "concat")
     tokenizer = load_tokenizer(setup)
     dataset = tokenized_dataset(setup, tokenizer, build_pairs(setup, tokenizer))
-    batches = [collate(dataset, rows, tokenizer.pad_token_id)
-               for rows in selected_batches(setup, dataset, not naive, how, tokenizer.pad_token_id)]
     policy = load_policy(recipe.model, recipe.lora, setup.model_path)
     n_params = base_parameter_count(policy)
     if naive:
-        model = policy
+        model, how = policy, "separate"
     else:
-        model = PreferenceLogpsModel(policy, chunk_size=recipe.train.logps_chunk_size, packing=recipe.train.padding_free)
+        model = PreferenceLogpsModel(policy, chunk_size=recipe.train.logps_chunk_size, packing=recipe.train.padding_free,
+                                     prefix_sharing=recipe.train.prefix_sharing)
+        how = model.layout
         if recipe.train.torch_compile:
             compile_decoder(model)
+    batches = [collate(dataset, rows, tokenizer.pad_token_id)
+               for rows in selected_batches(setup, dataset, not naive, how, tokenizer.pad_token_id)]
     optimizer, _ = build_optimizer(recipe, model, len(batches))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -374,7 +385,8 @@ def run_ours(setup: Setup, name: str) -> dict:
 
         copy = load_frozen_copy(setup.model_path, recipe.model, None, device)
         module = copy if naive else PreferenceLogpsModel(copy, chunk_size=recipe.train.logps_chunk_size,
-                                                         packing=recipe.train.padding_free)
+                                                         packing=recipe.train.padding_free,
+                                                         prefix_sharing=recipe.train.prefix_sharing)
         reference = (lambda b: {k: v.detach() for k, v in naive_logps(module, b).items()}) if naive else \
             CopyReference(module, accelerator.autocast).logps
     prepass = []
@@ -396,7 +408,7 @@ def run_ours(setup: Setup, name: str) -> dict:
         model.train()
         reference = PrecomputedReference({"train": table}).logps
 
-    times, cpu, real, processed, losses = [], [], [], [], []
+    times, cpu, real, unique, processed, losses = [], [], [], [], [], []
     for batch in batches:
         counts = token_counts(batch, how)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -413,10 +425,12 @@ def run_ours(setup: Setup, name: str) -> dict:
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
         real.append(counts[0])
-        processed.append(counts[1])
+        unique.append(counts[1])
+        processed.append(counts[2])
         losses.append(float(out.loss))
     peak, mem_kind = _peak_memory(device)
-    return dict(times=times, cpu=cpu, real=real, processed=processed, losses=losses, peak=peak, mem_kind=mem_kind,
+    return dict(times=times, cpu=cpu, real=real, unique=unique, processed=processed, losses=losses, peak=peak,
+                mem_kind=mem_kind,
                 n_params=n_params, lora=recipe.lora.use_peft, prepass=prepass, dtype="bfloat16" if cfg.get("bf16") else "float32",
                 device=str(device))
 
@@ -499,7 +513,9 @@ def run_trl(setup: Setup, name: str) -> dict:
 
 def run_check(setup: Setup, name: str = "check") -> dict:
     """float32, one batch (the naive row's first), LoRA adapter perturbed so policy != reference: the
-    naive, default and leanest paths' policy and reference log-probs, loss and LoRA gradients."""
+    naive path against dpo_accel's layouts (default = prefix sharing, leanest = prefix sharing + gradient
+    checkpointing + 128-position chunks, stacked = [2B, T] rows, packed = padding-free): policy and
+    reference log-probs, loss and LoRA gradients."""
     from dpo_accel.logps import PreferenceLogpsModel
     from dpo_accel.losses import compute_objective
     from dpo_accel.modeling import load_policy
@@ -522,9 +538,8 @@ def run_check(setup: Setup, name: str = "check") -> dict:
     def step(path: str) -> dict:
         if path == "leanest":
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            module = PreferenceLogpsModel(policy, chunk_size=128, packing=True)
-        else:
-            module = PreferenceLogpsModel(policy, chunk_size=1024)
+        module = PreferenceLogpsModel(policy, chunk_size=1024 if path in ("default", "stacked") else 128,
+                                      packing=path == "packed", prefix_sharing=path in ("default", "leanest"))
         forward = (lambda b: naive_logps(policy, b)) if path == "naive" else (lambda b: module(**b))
         pol = forward(batch)
         with torch.no_grad(), (policy.disable_adapter() if recipe.lora.use_peft else contextlib.nullcontext()):
@@ -540,11 +555,12 @@ def run_check(setup: Setup, name: str = "check") -> dict:
                     reference=torch.cat([ref["chosen_logps"], ref["rejected_logps"]]).detach(),
                     loss=out.loss.detach(), grads=grads)
 
-    results = {path: step(path) for path in ("naive", "default", "leanest")}
+    paths = ("default", "leanest", "stacked", "packed")
+    results = {path: step(path) for path in ("naive",) + paths}
     naive = results["naive"]
     report = {"logps_magnitude": float(naive["policy"].abs().max()), "tokens": int(batch["chosen_attention_mask"].sum()
                                                                                   + batch["rejected_attention_mask"].sum())}
-    for path in ("default", "leanest"):
+    for path in paths:
         r = results[path]
         report[path] = {
             "policy_logps_abs": float((r["policy"] - naive["policy"]).abs().max()),
@@ -607,13 +623,14 @@ def measure_roof(device: torch.device, size: int = 2048, reps: int = 10) -> dict
 
 def summarise(name: str, r: dict, roof: dict, warmup: int) -> dict:
     times, real, processed = r["times"][warmup:], r["real"][warmup:], r["processed"][warmup:]
+    unique = r.get("unique", r["real"])[warmup:]  # TRL runs both rows of a pair in full
     total = sum(times)
     real_tps = sum(real) / total
     flops_per_token = ((6 if r["lora"] else 8) - (2 if r.get("prepass") else 0)) * r["n_params"]
     prepass = sum(r["prepass"][warmup:]) if r.get("prepass") else 0.0
     return dict(name=name, label=CONFIGS[name]["label"], step_s=statistics.median(times), real_tps=real_tps,
                 processed_tps=sum(processed) / total, pad_ratio=sum(processed) / sum(real), peak_gb=r["peak"] / 2 ** 30,
-                mfu=flops_per_token * real_tps / roof[r["dtype"]], dtype=r["dtype"], mem_kind=r["mem_kind"],
+                mfu=flops_per_token * sum(unique) / total / roof[r["dtype"]], dtype=r["dtype"], mem_kind=r["mem_kind"],
                 real_per_step=sum(real) / len(real),
                 cpu_s=statistics.median(r["cpu"][warmup:]) if r.get("cpu") else float("nan"),
                 precomputed=bool(r.get("prepass")), prepass_s=prepass / len(times),
@@ -627,7 +644,7 @@ def format_table(rows: list[dict], roof: dict, shared_process: bool) -> str:
     base_trl = next((r for r in rows if r["name"] == "trl"), None)
     base_naive = next((r for r in rows if r["name"] == "naive"), None)
     mem = "peak GB" if not shared_process else "peak GB (shared process: not per row)"
-    lines = [f"| configuration | step s (median) | CPU s/step | real tok/s | processed tok/s | pad x | {mem} | MFU "
+    lines = [f"| configuration | step s (median) | CPU s/step | real tok/s | processed tok/s | processed / real | {mem} | MFU "
              f"| tok/s vs TRL | mem vs TRL | tok/s vs naive |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
@@ -682,7 +699,7 @@ def target_lines(rows: list[dict]) -> list[str]:
 def check_lines(check: dict) -> list[str]:
     lines = [f"correctness (float32, one batch of {check['tokens']} real tokens, |log-probs| up to "
              f"{check['logps_magnitude']:.0f}; target 1e-5):"]
-    for path in ("default", "leanest"):
+    for path in ("default", "leanest", "stacked", "packed"):
         c = check[path]
         ok = c["logps_rel"] <= 1e-5 and c["loss_abs"] <= 1e-5
         lines.append(f"  [{'ok' if ok else 'DIFFERS'}] {path} vs naive: policy log-probs max |diff| "

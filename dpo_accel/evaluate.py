@@ -18,7 +18,7 @@ def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dic
     """Mean per-example metrics over the whole held-out split (all processes), keys prefixed 'eval/'."""
     was_training = model.training
     model.eval()
-    acc = MetricAccumulator(accelerator)
+    acc = MetricAccumulator(accelerator, accelerator.unwrap_model(model).layout)
     for batch in loader:
         policy = model(**batch)
         ref = reference.logps(batch, "eval")

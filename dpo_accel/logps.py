@@ -19,6 +19,14 @@ Two ways to turn hidden states into log-probs:
 ``packing=True`` drops the padding before the decoder: the real tokens of all rows go into one row
 [1, sum(len)] whose ``position_ids`` restart at 0 for each sequence, and transformers builds a mask that
 keeps the sequences apart (checked by the tests against the padded result).
+
+``prefix_sharing=True`` runs the tokens a chosen row and its rejected row have in common (the prompt, and
+any identical start of the two answers) once: each pair becomes ONE row ``[shared | chosen rest | rejected
+rest]`` whose rejected part takes the positions the rejected row had and, through a custom 4D attention
+mask, sees the shared part but not the chosen rest. The hidden states are those of the two separate rows
+exactly (same tokens, positions and visible context), so log-probs and gradients equal the stacked
+forward's; the decoder runs on ``c + r - s`` tokens per pair instead of ``2 max(c, r)``. Prefix sharing is
+how DPO's prompt-heavy batches lose most of their FLOPs (the prompt is often the longer half of a row).
 """
 from __future__ import annotations
 
@@ -45,6 +53,10 @@ LEAN_MODEL_TYPES: dict[str, Optional[str]] = {
 # flash-attention derives variable-length boundaries from the position ids.
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
                      "flash_attention_4")
+
+# Attention implementations that take a custom 4D mask as it is (prefix sharing): sdpa a boolean one,
+# eager an additive float one. Flash-attention kernels take no arbitrary mask.
+PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -149,12 +161,105 @@ def _check_packing(config) -> None:
                          f"({', '.join(PACKING_ATTENTION)}); the model uses '{impl}'; set packing=False")
 
 
+def _prefix_sharing_problem(config) -> Optional[str]:
+    """Why prefix sharing cannot run on this model (None: it can)."""
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PREFIX_SHARING_ATTENTION:
+        return (f"prefix sharing needs an attention implementation that takes a custom 4D mask "
+                f"({', '.join(PREFIX_SHARING_ATTENTION)}); the model uses '{impl}'")
+    if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES:
+        return (f"prefix sharing is not verified for model type '{getattr(config, 'model_type', None)}' "
+                f"(known: {', '.join(sorted(LEAN_MODEL_TYPES))})")
+    return None
+
+
+def _has_sliding_window(config) -> bool:
+    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+
+
+def resolve_prefix_sharing(config, requested: Optional[bool], packing: bool = False) -> bool:
+    """The recipe's ``train.prefix_sharing``: True requires it (one-line error when the model cannot),
+    False turns it off, None (auto) turns it on wherever it is exact for every batch: a verified model
+    type, sdpa/eager attention, no sliding window, no packing."""
+    if requested is False:
+        return False
+    if requested and packing:
+        raise ValueError("packing and prefix_sharing are exclusive; choose one")
+    problem = _prefix_sharing_problem(config)
+    if requested:
+        if problem:
+            raise ValueError(f"{problem}; set prefix_sharing to false")
+        return True
+    return problem is None and not packing and not _has_sliding_window(config)
+
+
+def shared_prefix_lengths(batch: dict) -> torch.Tensor:
+    """[B] longest common prefix of each chosen row and its rejected row (real tokens only)."""
+    width = min(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    same = ((batch["chosen_input_ids"][:, :width] == batch["rejected_input_ids"][:, :width])
+            & batch["chosen_attention_mask"][:, :width].bool() & batch["rejected_attention_mask"][:, :width].bool())
+    return same.long().cumprod(-1).sum(-1)
+
+
+def processed_tokens(batch: dict, layout: str) -> int:
+    """Tokens the decoder runs on for this batch, padding included, under `layout`: "concat" ([2B, T], T the
+    longest real row), "shared" (prefix sharing: B rows of max(c + r - s)) or "packed" (real tokens only)."""
+    masks = [batch[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
+    lengths = [m.sum(-1) for m in masks]
+    if layout == "packed":
+        return int(sum(int(n.sum()) for n in lengths))
+    if layout == "shared" and len(masks) == 2:
+        return masks[0].shape[0] * int((lengths[0] + lengths[1] - shared_prefix_lengths(batch)).max())
+    return len(masks) * masks[0].shape[0] * int(max(int(n.max()) for n in lengths))
+
+
+def _prefix_shared_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int, config):
+    """One row per pair: ``[chosen (c tokens) | rejected tokens after the shared prefix (r - s)]``.
+
+    Returns (forward kwargs, shared [B], chosen lengths [B], row length L): input ids [B, L], position ids
+    [B, L] (the rejected part keeps its own row's positions s..r-1) and a 4D mask [B, 1, L, L] that is
+    causal except that rejected-part queries never see the chosen part after the shared prefix. Padding
+    sits at the end of a row; its queries see everything before them (no empty softmax row)."""
+    B = n_chosen
+    c_len, r_len = attention_mask[:B].sum(-1), attention_mask[B:].sum(-1)
+    shared = shared_prefix_lengths({"chosen_input_ids": input_ids[:B], "chosen_attention_mask": attention_mask[:B],
+                                    "rejected_input_ids": input_ids[B:], "rejected_attention_mask": attention_mask[B:]})
+    window = config.sliding_window if _has_sliding_window(config) else None
+    if window is not None and int(torch.maximum(c_len, r_len).max()) > window:
+        raise ValueError(f"prefix sharing needs every sequence within the model's sliding window ({window}) "
+                         f"tokens; set prefix_sharing=False for longer ones")
+    row_len = c_len + r_len - shared
+    L = int(row_len.max().clamp(min=1))
+    j = torch.arange(L, device=input_ids.device).unsqueeze(0)  # [1, L] column in the shared row
+    in_chosen = j < c_len.unsqueeze(1)
+    source = torch.where(in_chosen, j, j - c_len.unsqueeze(1) + shared.unsqueeze(1))  # column in its own row
+    real = j < row_len.unsqueeze(1)
+    source = torch.where(real, source, torch.zeros_like(source)).clamp(max=input_ids.shape[1] - 1)
+    ids = torch.where(in_chosen, input_ids[:B].gather(1, source), input_ids[B:].gather(1, source))
+    ids = torch.where(real, ids, torch.zeros_like(ids))
+    query, key = j.unsqueeze(2), j.unsqueeze(1)  # [1, L, 1], [1, 1, L]
+    c, s = c_len.view(B, 1, 1), shared.view(B, 1, 1)
+    hidden_from_rejected = (query >= c) & (query < row_len.view(B, 1, 1)) & (key >= s) & (key < c)
+    mask = (key <= query) & ~hidden_from_rejected  # [B, L, L] True = may attend
+    mask = mask.unsqueeze(1)
+    if getattr(config, "_attn_implementation", None) == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min)
+    return dict(input_ids=ids, position_ids=source, attention_mask=mask), shared, c_len, L
+
+
 # ------------------------------------------------------------------------------------------ the head
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """float32 for bf16/fp16/fp32 logits (bf16 under autocast: upcast before any reduction over V);
+    float64 logits stay float64, so a float64 model gives float64 log-probs (exact checks in tests)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
 
 def _chunk_logps(head: torch.nn.Module, transform, wpo: bool, hidden: torch.Tensor, targets: torch.Tensor):
     """Log-probs of `targets` [n] given final hidden states [n, H]; float32 [n] (and, with wpo, the
     detached logsumexp_v(2 * logp_v) [n] of TRL's WPO weight)."""
-    logits = head(hidden).float()  # bf16 under autocast: upcast before any reduction over V
+    logits = _upcast(head(hidden))
     if transform is not None:
         logits = transform(logits)
     lse = torch.logsumexp(logits, dim=-1)
@@ -197,7 +302,7 @@ def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
 # ------------------------------------------------------------------------------------------ public
 
 def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 1024, wpo: bool = False,
-                       naive: bool = False, packing: bool = False) -> dict:
+                       naive: bool = False, packing: bool = False, prefix_sharing: bool = False) -> dict:
     """Summed log-probs of the label tokens of every chosen and rejected row, from one forward pass.
 
     Args:
@@ -208,8 +313,10 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         wpo: also return TRL's WPO per-sequence terms (detached).
         naive: full [R, T, V] logits -> float32 log_softmax -> gather (the reference path).
         packing: run the decoder on the real tokens only, packed into one row (padding-free).
+        prefix_sharing: run each pair's common prefix once (one row per pair, custom 4D mask; see module
+            docstring). Exclusive with packing; a no-op without rejected rows.
 
-    Returns a dict of float32 [B] tensors: ``chosen_logps`` (sum over label tokens of log p(token | prefix);
+    Returns a dict of float32 [B] tensors (float64 for a float64 model): ``chosen_logps`` (sum over label tokens of log p(token | prefix);
     the token at t is predicted by position t-1), ``chosen_tokens`` (label-token count), with wpo
     ``chosen_wpo_logps`` = mean over label tokens of (log p(token) - logsumexp_v(2 log p_v)), and the same
     ``rejected_*`` keys when the batch has rejected rows.
@@ -220,8 +327,15 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     _check_padding(attention_mask, labels)
     hf_model = _unwrap(model) if not naive else None
     config = (hf_model if hf_model is not None else _unwrap_for_config(model)).config
+    if packing and prefix_sharing:
+        raise ValueError("packing and prefix_sharing are exclusive; choose one")
+    prefix_sharing = prefix_sharing and input_ids.shape[0] > n_chosen
     if packing:
         _check_packing(config)
+    if prefix_sharing:
+        problem = _prefix_sharing_problem(config)
+        if problem:
+            raise ValueError(f"{problem}; set prefix_sharing=False")
     if not naive and not packing:
         # Right padding: columns past the longest real row change nothing; drop them before the decoder.
         T = int(attention_mask.sum(-1).max().clamp(min=1))
@@ -236,6 +350,11 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         flat_pos = (attention_mask.reshape(-1).cumsum(0) - 1).view(R, T)[rows, cols]
         packed_ids, position_ids = _packed_inputs(input_ids, attention_mask)
         forward_kwargs = dict(input_ids=packed_ids, position_ids=position_ids, attention_mask=None)
+    elif prefix_sharing:  # chosen rows keep their columns; rejected columns past the shared prefix move
+        forward_kwargs, shared, c_len, L = _prefix_shared_inputs(input_ids, attention_mask, n_chosen, config)
+        pair = rows % n_chosen
+        moved = (rows >= n_chosen) & (cols >= shared[pair])
+        flat_pos = pair * L + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
     else:
         flat_pos = rows * T + cols
         forward_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
@@ -243,7 +362,7 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     wpo_adjust = None
     if naive:
         logits = model(**forward_kwargs, use_cache=False).logits  # [R, T, V] or [1, L, V]
-        logps = torch.log_softmax(logits.float(), dim=-1).flatten(0, 1)[flat_pos]  # [N, V]
+        logps = torch.log_softmax(_upcast(logits), dim=-1).flatten(0, 1)[flat_pos]  # [N, V]
         token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if wpo:
             with torch.no_grad():
@@ -256,14 +375,14 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
                                                     hidden, targets, chunk_size)
 
     device = token_logps.device
-    sums = torch.zeros(R, dtype=torch.float32, device=device).index_add_(0, rows, token_logps)
+    sums = torch.zeros(R, dtype=token_logps.dtype, device=device).index_add_(0, rows, token_logps)
     counts = (next_labels != IGNORE_INDEX).sum(-1).float()
     out = {"chosen_logps": sums[:n_chosen], "chosen_tokens": counts[:n_chosen]}
     if R > n_chosen:
         out.update(rejected_logps=sums[n_chosen:], rejected_tokens=counts[n_chosen:])
     if wpo:
-        adjusted = (token_logps.detach() - wpo_adjust).float()
-        means = torch.zeros(R, dtype=torch.float32, device=device).index_add_(0, rows, adjusted)
+        adjusted = token_logps.detach() - wpo_adjust
+        means = torch.zeros(R, dtype=adjusted.dtype, device=device).index_add_(0, rows, adjusted)
         means = means / counts.clamp(min=1)
         out["chosen_wpo_logps"] = means[:n_chosen]
         if R > n_chosen:
@@ -281,18 +400,27 @@ class PreferenceLogpsModel(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024, wpo: bool = False,
-                 naive: bool = False, packing: bool = False):
+                 naive: bool = False, packing: bool = False, prefix_sharing: Optional[bool] = False):
         super().__init__()
+        config = _unwrap_for_config(_unwrap(model) if not naive else model).config
+        if packing:  # refused at build time, before any compute
+            _check_packing(config)
         self.model = model
         self.chunk_size = chunk_size
         self.wpo = wpo
         self.naive = naive
         self.packing = packing
+        self.prefix_sharing = resolve_prefix_sharing(config, prefix_sharing, packing)
+
+    @property
+    def layout(self) -> str:
+        """How the decoder sees a batch: "packed", "shared" (prefix sharing) or "concat" (see processed_tokens)."""
+        return "packed" if self.packing else "shared" if self.prefix_sharing else "concat"
 
     def forward(self, **batch) -> dict:
         """``module(**batch)`` -> the dict of `concatenated_logps`; keys outside the contract are ignored."""
         return concatenated_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
-                                  naive=self.naive, packing=self.packing)
+                                  naive=self.naive, packing=self.packing, prefix_sharing=self.prefix_sharing)
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict, average_log_prob: bool = False, **opts):
@@ -301,7 +429,7 @@ def concatenated_forward(model: torch.nn.Module, batch: dict, average_log_prob: 
 
     ``model`` is an HF causal LM, a peft model, or a `PreferenceLogpsModel` (possibly wrapped by
     accelerate/DDP), whose own options then apply; ``opts`` go to `concatenated_logps` (chunk_size, wpo,
-    naive, packing). Without ``rejected_*`` keys in the batch, rejected_logps is None.
+    naive, packing, prefix_sharing). Without ``rejected_*`` keys in the batch, rejected_logps is None.
     """
     inner = getattr(model, "module", model)
     if isinstance(inner, PreferenceLogpsModel):

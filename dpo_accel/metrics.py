@@ -38,22 +38,23 @@ def example_metrics(out, policy: dict) -> dict[str, torch.Tensor]:
 class MetricAccumulator:
     """Collects gathered per-example metrics and token counts; `means()` reports and resets."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, layout: str = "concat"):
         self.accelerator = accelerator
+        self.layout = layout  # how the decoder sees a batch (PreferenceLogpsModel.layout): sets the processed tokens
         self.values: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.tokens = 0.0
-        self.padded_tokens = 0.0
+        self.processed_tokens = 0.0
         self.pairs = 0
 
     def add(self, metrics: dict[str, torch.Tensor], batch: dict) -> None:
         gathered = self.accelerator.gather_for_metrics(metrics)
         for key, value in gathered.items():
             self.values[key].append(value.float().cpu())
-        real, padded = token_counts(batch)
-        counts = torch.tensor([real, padded], dtype=torch.float64, device=batch["chosen_input_ids"].device)
+        real, processed = token_counts(batch, self.layout)
+        counts = torch.tensor([real, processed], dtype=torch.float64, device=batch["chosen_input_ids"].device)
         counts = self.accelerator.reduce(counts, reduction="sum")
         self.tokens += float(counts[0])
-        self.padded_tokens += float(counts[1])
+        self.processed_tokens += float(counts[1])
         self.pairs += int(gathered["loss"].numel())
 
     def means(self) -> dict[str, float]:
@@ -62,15 +63,17 @@ class MetricAccumulator:
         return result
 
     def reset_counts(self) -> tuple[float, float, int]:
-        counts = (self.tokens, self.padded_tokens, self.pairs)
-        self.tokens, self.padded_tokens, self.pairs = 0.0, 0.0, 0
+        counts = (self.tokens, self.processed_tokens, self.pairs)
+        self.tokens, self.processed_tokens, self.pairs = 0.0, 0.0, 0
         return counts
 
 
-def token_counts(batch: dict) -> tuple[float, float]:
-    """(real tokens, padded tokens) of this process's batch; padded counts the concatenated
-    [2B, max(Tc, Tr)] forward (packing would make it equal to real)."""
+def token_counts(batch: dict, layout: str = "concat") -> tuple[float, float]:
+    """(real tokens, processed tokens) of this process's batch: real counts every non-padding token of the
+    chosen and rejected rows; processed what the decoder ran on under `layout` (logps.processed_tokens:
+    padding included, a shared prefix once)."""
+    from dpo_accel.logps import processed_tokens
+
     masks = [batch[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
     real = float(sum(m.sum() for m in masks))
-    padded = float(len(masks) * masks[0].shape[0] * max(m.shape[1] for m in masks))
-    return real, padded
+    return real, float(processed_tokens(batch, layout))

@@ -118,6 +118,8 @@ class TrainConfig:
     export_merged: bool = True  # with LoRA: also save the merged full model at the end
     logps_chunk_size: int = 1024  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
     padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
+    prefix_sharing: Optional[bool] = None  # run each pair's common prefix (the prompt) once, exactly: one row per
+    # pair with a custom 4D mask; null (auto): on where the model allows it (sdpa/eager, verified type, no sliding window)
     torch_compile: bool = False  # torch.compile the decoder body (first steps include compile time; CPU needs g++/clang++)
     torch_compile_backend: Optional[str] = None  # torch.compile backend (null: inductor; aot_eager/eager to debug)
     auto_find_batch_size: bool = False  # find the largest micro-batch that fits at start-up; accumulation keeps batch x accum
@@ -273,6 +275,8 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError(f"train.{key} must be at least 1, got {getattr(t, key)}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         raise RecipeError("set train.max_steps > 0 or train.num_train_epochs > 0")
+    if t.padding_free and t.prefix_sharing is True:
+        raise RecipeError("train.padding_free and train.prefix_sharing are exclusive; set one of them to false")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.learning_rate <= 0:

@@ -115,6 +115,10 @@ def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int):
     return train_loader, eval_loader, sampler, collator
 
 
+LAYOUT_TEXT = {"shared": "prefix sharing (one row per pair, the prompt run once)",
+               "concat": "chosen and rejected rows stacked", "packed": "padding-free packing"}
+
+
 def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, model_path: str, tokenized, collator):
     """The reference strategy object; a precomputed one runs its pre-pass here, before training."""
     from dpo_accel.distributed import check_backend, place_reference, reference_load_device
@@ -135,7 +139,8 @@ def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, mode
         device = reference_load_device(accelerator) if placed else accelerator.device
         init = None if r.ref_model_name_or_path else recipe.lora.init_adapter  # the reference = the policy's start
         copy = load_frozen_copy(path, recipe.model, r.dtype, device, init_adapter=init)
-        module = PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size)
+        module = PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size, packing=t.padding_free,
+                                      prefix_sharing=t.prefix_sharing)
         source = CopyReference(place_reference(accelerator, module) if placed else module, accelerator.autocast)
         source_model = copy
     if mode != "precomputed":
@@ -228,7 +233,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
 
     policy = load_policy(recipe.model, recipe.lora, model_path)
     model = PreferenceLogpsModel(policy, chunk_size=t.logps_chunk_size, wpo=uses_wpo(recipe.loss),
-                                 packing=t.padding_free)
+                                 packing=t.padding_free, prefix_sharing=t.prefix_sharing)
     # torch.compile of the decoder; auto_find_batch_size rewrites the micro-batch and accumulation here
     apply_speed_options(accelerator, recipe, model, tokenized["train"], tokenizer.pad_token_id,
                         with_reference=mode in ("adapter_off", "copy"))
@@ -245,7 +250,8 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     if main:
         print(f"{LOG_PREFIX} policy {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M | reference: "
               f"{reference_summary(mode, ref_model)} | {accelerator.num_processes} process(es), "
-              f"{accelerator.mixed_precision} precision | {max_steps} steps of "
+              f"{accelerator.mixed_precision} precision | {LAYOUT_TEXT[accelerator.unwrap_model(model).layout]} | "
+              f"{max_steps} steps of "
               f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes} pairs")
     accelerator.init_trackers("dpo_accel", config=flat_config(recipe))
 
@@ -271,7 +277,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
             with open(eval_before_path, "w") as f:
                 json.dump(eval_before, f, indent=1)
     rejected_needed = needs_rejected(recipe.loss)
-    acc = MetricAccumulator(accelerator)
+    acc = MetricAccumulator(accelerator, accelerator.unwrap_model(model).layout)
     bar = tqdm(total=max_steps, initial=global_step, disable=not main, desc="train")
     last_log, grad_norm = time.perf_counter(), torch.tensor(0.0)
     model.train()
@@ -301,9 +307,9 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
             bar.update(1)
             if global_step % t.logging_steps == 0 or global_step == max_steps:
                 elapsed = time.perf_counter() - last_log
-                tokens, padded, pairs = acc.reset_counts()
+                tokens, processed, pairs = acc.reset_counts()
                 metrics = {**acc.means(), "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
-                           "tokens_per_second": tokens / elapsed, "padded_tokens_per_second": padded / elapsed,
+                           "tokens_per_second": tokens / elapsed, "processed_tokens_per_second": processed / elapsed,
                            "pairs_per_second": pairs / elapsed}
                 log_metrics(accelerator, t.output_dir, metrics, global_step)
                 bar.set_postfix(progress_postfix(metrics))

@@ -334,3 +334,156 @@ def test_rows_without_labels_give_zero(naive):
     empty = concatenated_logps(model, none, naive=naive, chunk_size=4)
     assert (empty["chosen_logps"] == 0).all() and (empty["rejected_tokens"] == 0).all()
     weighted_loss(empty).backward()  # still a graph: a step on such a batch is a no-op, not a crash
+
+
+# ----------------------------------------------------------------------------------- prefix sharing
+
+def shared_prompt_batch(pad_c=0, pad_r=5) -> dict:
+    """Pairs whose rows share a prompt, as real preference data does, plus the corner cases: answers that
+    start with the same tokens (the common prefix reaches into the labels), a chosen row that is a prefix
+    of its rejected row, a pair with nothing in common, and rows of different padded widths."""
+    g = torch.Generator().manual_seed(7)
+
+    def toks(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    pairs = []
+    for prompt_len, c_len, r_len, common_answer in ((6, 5, 3, 0), (2, 4, 7, 2), (9, 1, 1, 0), (4, 3, 6, 3)):
+        prompt, answer = toks(prompt_len), toks(common_answer)
+        pairs.append((prompt, answer + toks(c_len - common_answer) + [EOS], answer + toks(r_len - common_answer) + [EOS]))
+    prompt = toks(5)
+    chosen = prompt + toks(2)
+    pairs.append((prompt, chosen[5:], chosen[5:] + toks(3) + [EOS]))  # chosen is a prefix of rejected
+    pairs.append((toks(3), toks(4) + [EOS], toks(2) + [EOS]))
+    pairs[-1] = (pairs[-1][0], pairs[-1][1], pairs[-1][2])
+    out = {}
+    for side_name, pad in (("chosen", pad_c), ("rejected", pad_r)):
+        seqs = [(p, a if side_name == "chosen" else r) for p, a, r in pairs]
+        if side_name == "rejected":  # the last pair: another prompt altogether (no common prefix)
+            seqs[-1] = (toks(4), seqs[-1][1])
+        T = max(len(p) + len(a) for p, a in seqs) + 1  # one extra column of padding on every row
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for b, (p, a) in enumerate(seqs):
+            row = torch.tensor(p + a)
+            ids[b, :len(row)], mask[b, :len(row)] = row, 1
+            labels[b, len(p):len(row)] = row[len(p):]
+        out.update({f"{side_name}_input_ids": ids, f"{side_name}_attention_mask": mask, f"{side_name}_labels": labels})
+    return out
+
+
+def separate_reference(model, batch):
+    """Each side through the model on its own (full logits, the model's dtype kept: float64 models give an
+    exact reference): the independent reference."""
+    out = {}
+    for s in ("chosen", "rejected"):
+        ids, mask, labels = (batch[f"{s}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], dim=-1)
+        target = labels[:, 1:]
+        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out[f"{s}_logps"] = (tok * (target != -100)).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("attn, naive, kind", [("sdpa", False, "full"), ("eager", False, "full"),
+                                               ("sdpa", True, "full"), ("sdpa", False, "lora")])
+def test_prefix_sharing_equals_separate_forwards_in_values_and_gradients(attn, naive, kind):
+    """In float64 (log-probs to 1e-10: the same computation, regrouped) and in float32 (the usual 1e-5).
+    Gradients: relative to each tensor's largest (the LM head's reach ~50); float64 to 1e-6 only, as the
+    model's RMSNorm runs in float32 even in a float64 model and the shared prefix's two gradient
+    contributions are summed before that cast. Eager attention runs its softmax in float32: float32 only."""
+    checks = ((torch.float64, 1e-10, 1e-6), (torch.float32, ATOL, ATOL))
+    for dtype, atol, grad_rtol in checks[1:] if attn == "eager" else checks:
+        model = (lora_model() if kind == "lora" else tiny_llama(attn=attn)).to(dtype)
+        model.config._attn_implementation = attn
+        batch = shared_prompt_batch()
+        reference = separate_reference(model, batch)
+        g_reference = grads_of(model, reference)
+        shared = concatenated_logps(model, batch, chunk_size=5, naive=naive, prefix_sharing=True)
+        g_shared = grads_of(model, shared)
+        assert shared["chosen_logps"].dtype == dtype
+        for key in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(shared[key], reference[key], atol=atol, rtol=0)
+        for name in g_reference:
+            scale = float(g_reference[name].abs().max())
+            torch.testing.assert_close(g_shared[name], g_reference[name], atol=grad_rtol * scale, rtol=0,
+                                       msg=lambda m: f"{dtype} {name}: {m}")
+        stacked = concatenated_logps(model, batch, chunk_size=5, naive=naive)
+        for key in ("chosen_tokens", "rejected_tokens"):
+            torch.testing.assert_close(shared[key], stacked[key])
+
+
+def test_prefix_sharing_runs_the_common_prefix_once(monkeypatch):
+    """The decoder gets one row per pair of length max(c + r - s), s the longest common prefix."""
+    import dpo_accel.logps as logps
+
+    model = tiny_llama()
+    batch = shared_prompt_batch()
+    seen = []
+    decoder = model.get_decoder()
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw))
+    with torch.no_grad():
+        logps.concatenated_logps(model, batch, prefix_sharing=True)
+    c = batch["chosen_attention_mask"].sum(-1)
+    r = batch["rejected_attention_mask"].sum(-1)
+    common = [0] * len(c)
+    for b in range(len(c)):
+        while (common[b] < min(c[b], r[b])
+               and batch["chosen_input_ids"][b, common[b]] == batch["rejected_input_ids"][b, common[b]]):
+            common[b] += 1
+    assert common[-1] == 0 and common[1] > 2  # the batch has a pair with nothing shared and one sharing answer tokens
+    assert seen == [torch.Size([len(c), int(max(c[b] + r[b] - common[b] for b in range(len(c))))])]
+
+
+def test_prefix_sharing_without_the_rejected_block_would_differ():
+    """The equality test can fail: a plain causal mask over [chosen | rejected rest] lets the rejected part
+    see the chosen answer."""
+    from dpo_accel.logps import _prefix_shared_inputs, concatenated_inputs
+
+    model = tiny_llama().eval()
+    batch = shared_prompt_batch()
+    ids, mask, _, n = concatenated_inputs(batch)
+    kwargs, _, _, L = _prefix_shared_inputs(ids, mask, n, model.config)
+    causal = torch.ones(L, L, dtype=torch.bool).tril().expand(n, 1, L, L)
+    with torch.no_grad():
+        right = model(**kwargs).logits
+        wrong = model(**{**kwargs, "attention_mask": causal}).logits
+    assert (right - wrong).abs().max() > 1e-2
+
+
+def test_prefix_sharing_refusals_and_no_op_cases():
+    model = tiny_llama()
+    batch = shared_prompt_batch()
+    with pytest.raises(ValueError, match="exclusive"):
+        concatenated_logps(model, batch, packing=True, prefix_sharing=True)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="prefix sharing needs an attention implementation"):
+        concatenated_logps(model, batch, prefix_sharing=True)
+    model.config._attn_implementation = "sdpa"
+    sft = {k: v for k, v in batch.items() if k.startswith("chosen")}  # no rejected rows: nothing to share
+    with torch.no_grad():
+        torch.testing.assert_close(concatenated_logps(model, sft, prefix_sharing=True)["chosen_logps"],
+                                   concatenated_logps(model, sft)["chosen_logps"])
+
+
+def test_prefix_sharing_respects_a_sliding_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral(window):
+        config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=VOCAB, sliding_window=window, pad_token_id=0)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        return MistralForCausalLM(config)
+
+    batch = shared_prompt_batch()
+    longest = int(max(batch["chosen_attention_mask"].sum(-1).max(), batch["rejected_attention_mask"].sum(-1).max()))
+    with pytest.raises(ValueError, match="sliding window"):
+        concatenated_logps(mistral(longest - 1), batch, prefix_sharing=True)
+    model = mistral(longest)
+    with torch.no_grad():
+        shared = concatenated_logps(model, batch, prefix_sharing=True)
+        reference = separate_reference(model, batch)
+    for key in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(shared[key], reference[key], atol=ATOL, rtol=0)

@@ -244,6 +244,20 @@ def plain_run(tiny_model_dir, tmp_path_factory):
     return out, run_loop(tiny_model_dir, out)
 
 
+def test_prefix_sharing_is_the_default_and_trains_like_stacked_rows(tiny_model_dir, plain_run, tmp_path, capsys):
+    """The plain run shares each pair's prompt (auto: on for a Llama with sdpa); with prefix sharing off the
+    loop runs stacked [2B, T] rows on more tokens and gives the same metrics and weights."""
+    out = str(tmp_path / "stacked")
+    rows = run_loop(tiny_model_dir, out, **{"train.prefix_sharing": False})
+    assert "chosen and rejected rows stacked" in capsys.readouterr().out
+    assert_same_run(plain_run[0], out, plain_run[1], rows)
+    for shared, stacked in zip(plain_run[1], rows):
+        assert shared["tokens_per_second"] > 0
+        # tokens the decoder ran per real token: the shared prompts run once, stacked rows also pad
+        assert shared["processed_tokens_per_second"] / shared["tokens_per_second"] < 0.9
+        assert stacked["processed_tokens_per_second"] / stacked["tokens_per_second"] >= 1.0
+
+
 def test_packing_checkpointing_and_auto_batch_in_the_real_loop(tiny_model_dir, plain_run, tmp_path, monkeypatch,
                                                                capsys):
     """padding_free + gradient_checkpointing + auto_find_batch_size (on a machine where more than 2 pairs
@@ -277,20 +291,24 @@ def test_benchmark_quick_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "trl", None)  # the TRL row must skip cleanly without trl
     out = tmp_path / "bench.json"
     code = bench.main(["--quick", "--no-subprocess", "--steps", "1", "--warmup", "1", "--pairs", "16",
-                       "--configs", "naive,default,leanest,fastest_bf16_pre,packed,trl", "--json", str(out)])
+                       "--configs", "naive,default,leanest,fastest_bf16_pre,packed,unshared,trl", "--json", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"naive", "default", "leanest", "fastest_bf16_pre", "packed"}
-    for r in rows.values():
-        assert r["real_tps"] > 0 and r["processed_tps"] >= r["real_tps"] * 0.999 and 0 < r["mfu"] < 1
+    assert set(rows) == {"naive", "default", "leanest", "fastest_bf16_pre", "packed", "unshared"}
+    for name, r in rows.items():
+        assert r["real_tps"] > 0 and 0 < r["mfu"] < 1
+        shared = name in ("default", "leanest", "fastest_bf16_pre")  # prefix sharing (on by default): each
+        raw = result["raw"][name]  # pair's common prefix runs once, so the decoder sees fewer tokens than real
+        assert (sum(raw["unique"]) < sum(raw["real"])) == shared
+        assert (r["processed_tps"] < r["real_tps"]) == shared
     assert rows["packed"]["pad_ratio"] == pytest.approx(1.0)  # packed: no padding processed
     assert rows["fastest_bf16_pre"]["precomputed"] and rows["fastest_bf16_pre"]["prepass_s"] > 0
     assert "fastest_bf16_pre: reference pre-pass" in text
     assert "trl is not importable" in result["raw"]["trl"]["skipped"]
     check = result["raw"]["check"]
-    for path in ("default", "leanest"):
+    for path in ("default", "leanest", "stacked", "packed"):
         assert check[path]["logps_rel"] <= 1e-5 and check[path]["loss_abs"] <= 1e-5, check
     assert "| naive: 2 forwards" in text and "[ok] default vs naive" in text
 
