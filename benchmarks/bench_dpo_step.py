@@ -228,7 +228,7 @@ def selected_batches(setup: Setup, dataset, grouped: bool, how: str, pad_token_i
     from dpo_accel.data import LengthGroupedSampler, sequence_lengths
 
     if grouped:
-        sampler = LengthGroupedSampler(sequence_lengths(dataset), setup.batch_size, seed=setup.seed)
+        sampler = LengthGroupedSampler(sequence_lengths(dataset, how), setup.batch_size, seed=setup.seed)
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(setup.seed))
     order = list(sampler)

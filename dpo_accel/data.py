@@ -547,14 +547,29 @@ def tokenize_splits(splits, tokenizer, cfg: DataConfig) -> tuple:
     return datasets.DatasetDict(out), stats
 
 
-def sequence_lengths(tokenized) -> list:
-    """max(len(chosen_input_ids), len(rejected_input_ids)) per row: the lengths LengthGroupedSampler wants."""
+def sequence_lengths(tokenized, layout: str = "concat") -> list:
+    """Per row, the length that sets a batch's width, for LengthGroupedSampler: max(len(chosen_input_ids),
+    len(rejected_input_ids)), or with ``layout="shared"`` (prefix sharing, one row per pair) c + r - s,
+    s the common prefix of the two rows' ids."""
     import pyarrow.compute as pc
 
     cols = [c for c in ("chosen_input_ids", "rejected_input_ids") if c in tokenized.column_names]
     table = tokenized.select_columns(cols).with_format("arrow")[:]
-    lengths = [pc.list_value_length(table.column(c)).to_numpy() for c in cols]
-    return np.maximum.reduce(lengths).astype(np.int64).tolist()
+    lengths = [pc.list_value_length(table.column(c)).to_numpy().astype(np.int64) for c in cols]
+    if layout != "shared" or len(cols) < 2:
+        return np.maximum.reduce(lengths).tolist()
+    c_len, r_len = lengths
+    c_ids, r_ids = (pc.list_flatten(table.column(c)).to_numpy() for c in cols)
+    c_start, r_start = np.cumsum(c_len) - c_len, np.cumsum(r_len) - r_len
+    m = np.minimum(c_len, r_len)  # compare the first m ids of each pair at once
+    row = np.repeat(np.arange(len(m)), m)
+    k = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+    differs_at = np.where(c_ids[c_start[row] + k] == r_ids[r_start[row] + k], m[row], k)
+    shared = np.zeros(len(m), dtype=np.int64)
+    some = m > 0
+    if some.any():
+        shared[some] = np.minimum.reduceat(differs_at, (np.cumsum(m) - m)[some])
+    return (c_len + r_len - shared).tolist()
 
 
 def format_stats(stats: dict) -> str:

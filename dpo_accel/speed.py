@@ -149,11 +149,12 @@ def find_micro_batch(try_step: Callable[[int], None], total: int) -> int:
         raise
 
 
-def _worst_case_rows(dataset, n: int) -> list:
-    """The ``n`` longest rows (by max(chosen, rejected) length), cycled when the split is smaller."""
+def _worst_case_rows(dataset, n: int, layout: str = "concat") -> list:
+    """The ``n`` longest rows (by the width the decoder sees, see data.sequence_lengths), cycled when the
+    split is smaller."""
     from dpo_accel.data import sequence_lengths
 
-    lengths = sequence_lengths(dataset)
+    lengths = sequence_lengths(dataset, layout)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [dataset[int(order[i % len(order)])] for i in range(n)]
 
@@ -180,7 +181,7 @@ def probe_micro_batch(accelerator, logps_model: torch.nn.Module, dataset, pad_to
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
     def try_step(micro: int) -> None:
-        batch = {k: v.to(device) for k, v in collator(_worst_case_rows(dataset, micro)).items()}
+        batch = {k: v.to(device) for k, v in collator(_worst_case_rows(dataset, micro, logps_model.layout)).items()}
         try:
             with accelerator.autocast():
                 out = logps_model(**batch)

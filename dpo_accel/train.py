@@ -94,7 +94,7 @@ def build_data(accelerator, recipe: Recipe, tokenizer):
     return raw, tokenized, stats
 
 
-def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int):
+def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int, layout: str = "concat"):
     from torch.utils.data import DataLoader, RandomSampler
 
     from dpo_accel.data import LengthGroupedSampler, PreferenceCollator, sequence_lengths
@@ -103,7 +103,7 @@ def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int):
     collator = PreferenceCollator(tokenizer.pad_token_id)
     train = tokenized["train"]
     if d.group_by_length:
-        lengths = sequence_lengths(train)
+        lengths = sequence_lengths(train, layout)  # the row width the decoder will see
         # Grouped by the GLOBAL batch, so 2 processes x 2 pairs see the same pairs as 1 x 4.
         sampler = LengthGroupedSampler(lengths, t.per_device_train_batch_size * num_processes, seed=t.seed)
     else:
@@ -237,7 +237,8 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     # torch.compile of the decoder; auto_find_batch_size rewrites the micro-batch and accumulation here
     apply_speed_options(accelerator, recipe, model, tokenized["train"], tokenizer.pad_token_id,
                         with_reference=mode in ("adapter_off", "copy"))
-    train_loader, eval_loader, sampler, collator = build_loaders(recipe, tokenized, tokenizer, accelerator.num_processes)
+    train_loader, eval_loader, sampler, collator = build_loaders(recipe, tokenized, tokenizer, accelerator.num_processes,
+                                                                   model.layout)
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / t.gradient_accumulation_steps)
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     optimizer, scheduler = build_optimizer(recipe, model, max_steps)

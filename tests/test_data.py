@@ -415,6 +415,24 @@ def test_shipped_dataset_content_and_default_path(tmp_path, tok, monkeypatch):
     row = tokenized["eval"][5]
     assert tok.decode(row["chosen_labels"][row["prompt_length"]:]) == eval_[5]["chosen"] + "<|im_end|>"
     assert sequence_lengths(tokenized["eval"])[5] == max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
+    shared = sequence_lengths(tokenized["eval"], "shared")  # prefix sharing: c + r - common prefix, per row
+    for i, r in enumerate(tokenized["eval"]):
+        c, rj = r["chosen_input_ids"], r["rejected_input_ids"]
+        common = next((k for k, (a, b) in enumerate(zip(c, rj)) if a != b), min(len(c), len(rj)))
+        assert common >= r["prompt_length"]  # the prompt at least is shared
+        assert shared[i] == len(c) + len(rj) - common
+
+
+def test_shared_sequence_lengths_corner_cases():
+    """Identical rows, nothing in common, one row a prefix of the other, an empty row, a sliced split."""
+    import datasets
+
+    rows = {"chosen_input_ids": [[1, 2, 3], [4, 5], [1, 2], [], [7, 8, 9, 9]],
+            "rejected_input_ids": [[1, 2, 3], [6, 5], [1, 2, 3, 4], [1], [7, 8, 1]]}
+    ds = datasets.Dataset.from_dict(rows)
+    assert sequence_lengths(ds, "shared") == [3, 4, 4, 1, 5]
+    assert sequence_lengths(ds) == [3, 2, 4, 1, 4]
+    assert sequence_lengths(ds.select([4, 2]), "shared") == [5, 4]
 
 
 @pytest.mark.parametrize("prompt,answer,fmt,correct", [
