@@ -11,24 +11,26 @@ optional ones):
 
     naive             two separate forwards (chosen, rejected) through the full [B, T, V] logits, float32
                       log_softmax, random batches; the reference the same with the LoRA adapter switched off
-    default           dpo_accel's recipe defaults: one forward per batch with prefix sharing (each pair's
-                      prompt run once: one row [prompt | chosen answer | rejected answer] with a mask that
-                      keeps the answers apart), chunked LM head on label positions only
-                      (logps_chunk_size 1024), length-grouped batches, float32
-    fastest           default with 256-position LM-head chunks (a smaller transient at the same speed)
+    default           dpo_accel's recipe defaults, which are also its fastest float32 configuration: one
+                      forward per batch with prefix sharing (each pair's prompt run once: one row
+                      [prompt | chosen answer | rejected answer] with a mask that keeps the answers apart),
+                      LM head on label positions only in 256-position chunks, length-grouped batches
     fastest_bf16      + bf16 weights (model.dtype bfloat16; LoRA stays float32) and bf16 autocast
     leanest           + gradient checkpointing (non-reentrant), 128-position chunks, bf16 weights + autocast
-    fastest_pre, fastest_bf16_pre
-                      fastest / fastest_bf16 with reference.mode precomputed: the reference log-probs come
+    default_pre, fastest_bf16_pre
+                      default / fastest_bf16 with reference.mode precomputed: the reference log-probs come
                       from a pre-pass (timed and reported apart: it runs once per dataset and model and is
                       cached on disk across runs and epochs), so the step runs the policy only (4 N per token)
+    unshared, unshared_bf16
+                      default / fastest_bf16 with prefix_sharing off: chosen and rejected rows stacked
+                      [2B, T], the original DPO trainer's layout (what prefix sharing gains, same run)
     trl               TRL DPOTrainer with DPOConfig's defaults (gradient checkpointing on, bf16 on) on the same
                       model, LoRA, pairs and batches (only when `trl` is importable; skipped otherwise)
-    optional          unshared, unshared_bf16 (fastest / fastest_bf16 with prefix_sharing off: chosen and
-                      rejected rows stacked [2B, T], the original DPO trainer's layout), default_bf16,
-                      packed, packed_bf16 (train.padding_free: on CPU the packed row's dense
+    optional          default_bf16 (autocast over float32 weights), chunk1024 (the LM head in 1024-position
+                      chunks), packed, packed_bf16 (train.padding_free: on CPU the packed row's dense
                       block-diagonal attention costs more than length grouping's little padding), leanest_fp32,
-                      compile (torch.compile/inductor of the decoder; the warm-up step compiles),
+                      compile, compile_bf16 (torch.compile/inductor of the decoder; the warm-up step
+                      compiles, minutes on 2 cores),
                       trl_fp32 (bf16=False), trl_no_gc (gradient_checkpointing=False)
 
 Data: deterministic preference pairs of real English prose, the Python reference manual shipped with
@@ -79,30 +81,33 @@ IGNORE_INDEX = -100
 # name -> what it is. "kind": ours | naive | trl; the rest are recipe switches of our loop.
 CONFIGS = {
     "naive": dict(kind="naive", label="naive: 2 forwards, full logits, random batches"),
-    "default": dict(kind="ours", label="dpo_accel default (lean log-probs, prefix sharing, length-grouped)"),
-    "fastest": dict(kind="ours", label="dpo_accel fastest fp32 (chunk 256)", chunk_size=256),
-    "fastest_bf16": dict(kind="ours", label="dpo_accel fastest bf16 (bf16 weights + autocast, chunk 256)",
-                         chunk_size=256, bf16=True, bf16_weights=True),
+    "default": dict(kind="ours", label="dpo_accel default = fastest fp32 (prefix sharing, lean log-probs, grouped)"),
+    "fastest_bf16": dict(kind="ours", label="dpo_accel fastest bf16 (default + bf16 weights + autocast)",
+                         bf16=True, bf16_weights=True),
     "leanest": dict(kind="ours", label="dpo_accel leanest (grad ckpt, chunk 128, bf16 weights + autocast)",
                     gradient_checkpointing=True, chunk_size=128, bf16=True, bf16_weights=True),
-    "fastest_pre": dict(kind="ours", label="fastest fp32, reference precomputed", chunk_size=256, precomputed=True),
-    "fastest_bf16_pre": dict(kind="ours", label="fastest bf16, reference precomputed", chunk_size=256, bf16=True,
+    "default_pre": dict(kind="ours", label="default fp32, reference precomputed", precomputed=True),
+    "fastest_bf16_pre": dict(kind="ours", label="fastest bf16, reference precomputed", bf16=True,
                              bf16_weights=True, precomputed=True),
+    "unshared": dict(kind="ours", label="default without prefix sharing (stacked [2B, T] rows)", prefix_sharing=False),
+    "unshared_bf16": dict(kind="ours", label="fastest bf16 without prefix sharing", bf16=True, bf16_weights=True,
+                          prefix_sharing=False),
     "trl": dict(kind="trl", label="TRL 1.16 DPOTrainer defaults (grad ckpt, bf16)"),
     # optional rows
-    "default_bf16": dict(kind="ours", label="dpo_accel default + bf16 autocast", bf16=True),
+    "default_bf16": dict(kind="ours", label="dpo_accel default + bf16 autocast (float32 weights)", bf16=True),
+    "chunk1024": dict(kind="ours", label="dpo_accel default with 1024-position LM-head chunks", chunk_size=1024),
     "packed": dict(kind="ours", label="dpo_accel default + packing", packing=True),
     "packed_bf16": dict(kind="ours", label="dpo_accel default + packing + bf16 autocast", packing=True, bf16=True),
     "leanest_fp32": dict(kind="ours", label="dpo_accel grad ckpt + chunk 128, float32", gradient_checkpointing=True,
                          chunk_size=128),
-    "compile": dict(kind="ours", label="dpo_accel fastest fp32 + torch.compile", chunk_size=256, compile=True),
-    "unshared": dict(kind="ours", label="fastest fp32 without prefix sharing", chunk_size=256, prefix_sharing=False),
-    "unshared_bf16": dict(kind="ours", label="fastest bf16 without prefix sharing", chunk_size=256, bf16=True,
-                          bf16_weights=True, prefix_sharing=False),
+    "compile": dict(kind="ours", label="dpo_accel default + torch.compile (inductor)", compile=True),
+    "compile_bf16": dict(kind="ours", label="dpo_accel fastest bf16 + torch.compile (inductor)", compile=True,
+                         bf16=True, bf16_weights=True),
     "trl_fp32": dict(kind="trl", label="TRL DPOTrainer, bf16=False", bf16=False),
     "trl_no_gc": dict(kind="trl", label="TRL DPOTrainer, gradient_checkpointing=False", gradient_checkpointing=False),
 }
-DEFAULT_CONFIGS = ("naive", "default", "fastest", "fastest_bf16", "leanest", "fastest_pre", "fastest_bf16_pre", "trl")
+DEFAULT_CONFIGS = ("naive", "default", "fastest_bf16", "leanest", "default_pre", "fastest_bf16_pre", "unshared",
+                   "unshared_bf16", "trl")
 OPTIONAL_CONFIGS = tuple(n for n in CONFIGS if n not in DEFAULT_CONFIGS)
 
 
@@ -301,7 +306,7 @@ def recipe_for(setup: Setup, cfg: dict):
         "lora": {"use_peft": setup.lora_r > 0, "lora_r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0},
         "data": {"max_length": setup.max_length, "max_prompt_length": setup.max_prompt_length},
         "train": {"per_device_train_batch_size": setup.batch_size, "learning_rate": 5e-6,
-                  "logps_chunk_size": int(cfg.get("chunk_size", 1024)), "padding_free": bool(cfg.get("packing")),
+                  "logps_chunk_size": int(cfg.get("chunk_size", 256)), "padding_free": bool(cfg.get("packing")),
                   "prefix_sharing": cfg.get("prefix_sharing"),  # None: the recipe default (auto)
                   "mixed_precision": "bf16" if cfg.get("bf16") else "no", "torch_compile": bool(cfg.get("compile"))},
     })
@@ -538,7 +543,7 @@ def run_check(setup: Setup, name: str = "check") -> dict:
     def step(path: str) -> dict:
         if path == "leanest":
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = PreferenceLogpsModel(policy, chunk_size=1024 if path in ("default", "stacked") else 128,
+        module = PreferenceLogpsModel(policy, chunk_size=256 if path in ("default", "stacked") else 128,
                                       packing=path == "packed", prefix_sharing=path in ("default", "leanest"))
         forward = (lambda b: naive_logps(policy, b)) if path == "naive" else (lambda b: module(**b))
         pol = forward(batch)

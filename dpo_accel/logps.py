@@ -301,7 +301,7 @@ def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
 
 # ------------------------------------------------------------------------------------------ public
 
-def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 1024, wpo: bool = False,
+def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 256, wpo: bool = False,
                        naive: bool = False, packing: bool = False, prefix_sharing: bool = False) -> dict:
     """Summed log-probs of the label tokens of every chosen and rejected row, from one forward pass.
 
@@ -399,7 +399,7 @@ class PreferenceLogpsModel(torch.nn.Module):
     merge through it); the options are plain attributes and may be changed between calls.
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024, wpo: bool = False,
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 256, wpo: bool = False,
                  naive: bool = False, packing: bool = False, prefix_sharing: Optional[bool] = False):
         super().__init__()
         config = _unwrap_for_config(_unwrap(model) if not naive else model).config

@@ -116,7 +116,7 @@ class TrainConfig:
     save_total_limit: int = 2  # checkpoints kept
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers through Accelerate
     export_merged: bool = True  # with LoRA: also save the merged full model at the end
-    logps_chunk_size: int = 1024  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
+    logps_chunk_size: int = 256  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
     padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
     prefix_sharing: Optional[bool] = None  # run each pair's common prefix (the prompt) once, exactly: one row per
     # pair with a custom 4D mask; null (auto): on where the model allows it (sdpa/eager, verified type, no sliding window)

@@ -11,8 +11,8 @@ Each option is a recipe key (see recipe.py) and is checked before any compute is
 
 The options that need no code of their own live elsewhere: ``model.gradient_checkpointing``
 (non-reentrant, set in modeling.load_policy; it works through the lean log-prob path, which calls the
-decoder body directly), ``train.padding_free`` and ``train.logps_chunk_size`` (logps.py),
-``train.mixed_precision`` (Accelerate's autocast) and ``data.group_by_length`` (data.py).
+decoder body directly), ``train.prefix_sharing``, ``train.padding_free`` and ``train.logps_chunk_size``
+(logps.py), ``train.mixed_precision`` (Accelerate's autocast) and ``data.group_by_length`` (data.py).
 """
 from __future__ import annotations
 
