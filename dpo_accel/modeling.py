@@ -201,7 +201,11 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: str, model_path: str) -> 
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts of the whole model, also under DeepSpeed ZeRO-3, where each
+    process holds a partition (``ds_numel`` is the full count; ``numel()`` there is 0)."""
+    def full(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(full(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full(p) for p in model.parameters())
     return trainable, total

@@ -154,6 +154,8 @@ def build_precomputed(accelerator, recipe: Recipe, source, source_model: torch.n
 
 def reference_summary(mode: str, model: Optional[torch.nn.Module]) -> str:
     if mode == "copy" and model is not None:
-        return f"frozen copy ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)"
+        from dpo_accel.modeling import count_parameters
+
+        return f"frozen copy ({count_parameters(model)[1] / 1e6:.1f}M params)"
     return {"none": "none (reference-free objective)", "adapter_off": "LoRA base (adapters disabled)",
             "precomputed": "precomputed log-probs (no reference model in memory)"}.get(mode, mode)

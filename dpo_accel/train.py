@@ -253,7 +253,8 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
               f"{reference_summary(mode, ref_model)} | {accelerator.num_processes} process(es), "
               f"{accelerator.mixed_precision} precision | {LAYOUT_TEXT[accelerator.unwrap_model(model).layout]} | "
               f"{max_steps} steps of "
-              f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes} pairs")
+              f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes} "
+              f"{'pairs' if needs_rejected(recipe.loss) else 'examples'}")
     accelerator.init_trackers("dpo_accel", config=flat_config(recipe))
 
     global_step = 0

@@ -189,6 +189,13 @@ def test_deepspeed_two_ranks_x2_equal_one_rank_x4(config, variant, request, tiny
     if variant == "full":
         line = next(l for l in run["stdout"].splitlines() if "reference placement" in l)
         assert ("sharded with DeepSpeed ZeRO-3" if "zero3" in config else "frozen replica") in line, line
+    # The start-up line counts the whole model, not one rank's ZeRO-3 partition (numel() is 0 there).
+    line = next(l for l in run["stdout"].splitlines() if "trainable of" in l)
+    from transformers import AutoModelForCausalLM
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()) / 1e6
+    assert float(line.split("trainable of ")[1].split("M")[0]) == pytest.approx(base, abs=0.1), line
+    if variant == "full":
+        assert f"frozen copy ({base:.1f}M params)" in line, line
     assert_same_run(baseline, run, rel=1e-4, abs_=1e-5, kinds=("model",) if variant == "full" else ("adapter", "model"))
 
 

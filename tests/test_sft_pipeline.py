@@ -45,7 +45,7 @@ def logps_of(model, batch) -> dict:
         return PreferenceLogpsModel(model.eval(), chunk_size=64)(**batch)
 
 
-def test_sft_on_single_answer_data_reports_nll_not_rewards(small_model_dir, tmp_path):
+def test_sft_on_single_answer_data_reports_nll_not_rewards(small_model_dir, tmp_path, capsys):
     out = str(tmp_path / "sft")
     summary = train.run(load_recipe(None, tiny_overrides(small_model_dir, out, **{
         "loss.loss_type": "sft", "data.format": "sft", "train.max_steps": 12, "data.max_eval_samples": 16,
@@ -62,6 +62,8 @@ def test_sft_on_single_answer_data_reports_nll_not_rewards(small_model_dir, tmp_
     assert after["eval/nll"] < before["eval/nll"] - 0.05, (before, after)
     assert "| eval/nll |" in summary["table"] and "accuracies" not in summary["table"]
     assert os.path.isdir(os.path.join(out, "model"))  # same export as any run
+    startup = next(l for l in capsys.readouterr().out.splitlines() if "trainable of" in l)
+    assert startup.endswith("12 steps of 4 examples"), startup  # single answers, not pairs
 
 
 def test_progress_bar_postfix_without_a_rejected_side():
