@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,9 +74,9 @@ def env() -> dict:
 
 
 def launch(model_dir: str, out: str, per_device: int, processes: int, launch_args: list, script: str = TRAIN,
-           **extra) -> dict:
+           script_args: tuple = (), **extra) -> dict:
     """`accelerate launch` of `script` as a subprocess; asserts that `processes` ranks ran."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, script]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, script, *script_args]
     for s in run_overrides(model_dir, out, per_device, **extra):
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600, cwd=REPO)
@@ -197,6 +198,36 @@ def test_deepspeed_two_ranks_x2_equal_one_rank_x4(config, variant, request, tiny
     if variant == "full":
         assert f"frozen copy ({base:.1f}M params)" in line, line
     assert_same_run(baseline, run, rel=1e-4, abs_=1e-5, kinds=("model",) if variant == "full" else ("adapter", "model"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "deepspeed_zero3.yaml"])
+def test_sharded_run_resumes_exactly(config, tiny_model_dir, tmp_path):
+    """A sharded 2-rank run (full fine-tuning, sharded reference) checkpointed at step 2 and resumed
+    gives the same steps 3-4, eval and exported weights as the same run straight through: the sharded
+    optimizer state, scheduler, sampler position and RNG all come back."""
+    if "deepspeed" in config:
+        pytest.importorskip("deepspeed")
+    out = str(tmp_path / "run")
+    extra = {"train.save_steps": 2, "train.save_total_limit": 3}
+    if "zero3" in config:
+        extra["train.logps_chunk_size"] = 100_000  # one LM-head chunk per forward (see the ZeRO test above)
+
+    def run(*script_args):
+        return launch(tiny_model_dir, out, 2, 2,
+                      ["--config_file", os.path.join(CONFIGS, config), "--num_processes", "2", "--mixed_precision",
+                       "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())],
+                      script=os.path.abspath(__file__), script_args=script_args, **extra)
+
+    straight = run()
+    straight["out"] = str(tmp_path / "straight")  # keep its exported model: the resumed run rewrites out/model
+    shutil.copytree(os.path.join(out, "model"), os.path.join(straight["out"], "model"))
+    checkpoints = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint-0000002", "checkpoint-0000004"]
+    shutil.rmtree(os.path.join(checkpoints, "checkpoint-0000004"))  # as if stopped after step 2
+    resumed = run("--resume")
+    assert "resumed at step 2" in resumed["stdout"]
+    assert_same_run(straight, resumed, rel=1e-5, abs_=1e-6, kinds=("model",), w_atol=1e-6)
 
 
 @pytest.mark.slow
