@@ -327,15 +327,11 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     _check_padding(attention_mask, labels)
     hf_model = _unwrap(model) if not naive else None
     config = (hf_model if hf_model is not None else _unwrap_for_config(model)).config
-    if packing and prefix_sharing:
-        raise ValueError("packing and prefix_sharing are exclusive; choose one")
-    prefix_sharing = prefix_sharing and input_ids.shape[0] > n_chosen
     if packing:
         _check_packing(config)
     if prefix_sharing:
-        problem = _prefix_sharing_problem(config)
-        if problem:
-            raise ValueError(f"{problem}; set prefix_sharing=False")
+        resolve_prefix_sharing(config, True, packing)  # one-line error where it cannot run
+        prefix_sharing = input_ids.shape[0] > n_chosen  # nothing to share without rejected rows
     if not naive and not packing:
         # Right padding: columns past the longest real row change nothing; drop them before the decoder.
         T = int(attention_mask.sum(-1).max().clamp(min=1))
