@@ -94,7 +94,12 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
         unwrapped, state_dict = gathered_copy(unwrapped, state_dict), None
     targets = []
     if hasattr(unwrapped, "peft_config"):
-        targets.append(("adapter", lambda d: unwrapped.save_pretrained(d, state_dict=state_dict)))
+        start = adapter_start_model(recipe)
+        if start is None:
+            print("[dpo_accel] adapter/ not written: the adapter applies to the base with lora.init_adapter merged "
+                  "in, which no folder holds (no model/ next to the init adapter); model/ is the result")
+        else:
+            targets.append(("adapter", lambda d: _save_adapter(unwrapped, state_dict, d, start)))
         if merge:
             targets.append(("model", lambda d: _save_merged(unwrapped, d)))
     else:
@@ -111,6 +116,29 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
         written[kind] = final
     accelerator.wait_for_everyone()
     return written
+
+
+def adapter_start_model(recipe: Recipe) -> Optional[str]:
+    """The model the exported adapter applies to: "" for the recipe's own base (peft records it), the
+    merged folder of the init adapter's run (``<run>/model`` next to ``<run>/adapter``) when
+    ``lora.init_adapter`` was merged in first, None when no folder holds that starting point."""
+    init = recipe.lora.init_adapter
+    if not init:
+        return ""
+    merged = os.path.join(os.path.dirname(os.path.abspath(init).rstrip(os.sep)), "model")
+    return merged if os.path.isfile(os.path.join(merged, "config.json")) else None
+
+
+def _save_adapter(peft_model, state_dict, directory: str, start: str) -> None:
+    """peft's adapter folder; with an init adapter, its config names the merged start model it applies to."""
+    peft_model.save_pretrained(directory, state_dict=state_dict)
+    if start:
+        path = os.path.join(directory, "adapter_config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["base_model_name_or_path"] = start
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 def _save_merged(peft_model, directory: str) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -130,6 +131,27 @@ def test_sft_adapter_as_reference_gives_the_sft_model_at_step_1(mode, small_mode
     assert step1["step"] == 1 and step1["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert step1["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert summary["eval"]["eval/rewards/margins"] != 0.0
+    if mode == "adapter_off":  # the exported adapter names, and applies to, the merged SFT model it trained on
+        with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+            start = json.load(f)["base_model_name_or_path"]
+        assert start == os.path.join(os.path.abspath(sft_run), "model")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(start), os.path.join(out, "adapter"))
+        exported = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
+        for key in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(logps_of(loaded, batch)[key], logps_of(exported, batch)[key], atol=2e-4, rtol=1e-5)
+
+
+def test_init_adapter_without_its_merged_model_exports_only_the_merged_result(small_model_dir, sft_run, tmp_path,
+                                                                             capsys):
+    """An init adapter with no merged model next to it: an adapter/ would apply to a model no folder
+    holds, so only model/ is written, and the run says why."""
+    lonely = str(tmp_path / "elsewhere" / "adapter")
+    shutil.copytree(os.path.join(sft_run, "adapter"), lonely)
+    out = str(tmp_path / "dpo")
+    train.run(load_recipe(None, tiny_overrides(small_model_dir, out, **{
+        **LORA, "lora.init_adapter": lonely, "train.max_steps": 1, "train.report_to": []})))
+    assert os.path.isfile(os.path.join(out, "model", "config.json")) and not os.path.exists(os.path.join(out, "adapter"))
+    assert "adapter/ not written" in capsys.readouterr().out
 
 
 def test_init_adapter_errors_are_one_line(tmp_path, sft_run):
