@@ -97,16 +97,24 @@ def assert_same_run(a: dict, b: dict, rel: float, abs_: float, kinds: tuple = ("
     weights. AdamW divides by sqrt(v): where a gradient is ~0 it turns the rounding of another summation
     order into up to a fraction of one step (lr 1e-3); w_atol 1e-4 is a tenth of one step."""
     assert [r["step"] for r in a["steps"]] == [r["step"] for r in b["steps"]] == [1, 2, 3, 4]
+    metric_rel = 0.0
     for ra, rb in zip(a["steps"], b["steps"]):
         for key in STEP_KEYS:
             assert rb[key] == pytest.approx(ra[key], rel=rel, abs=abs_), (ra["step"], key, ra[key], rb[key])
+            metric_rel = max(metric_rel, abs(rb[key] - ra[key]) / max(abs(ra[key]), 1e-12))
     for key in EVAL_KEYS:
         assert b["eval"][key] == pytest.approx(a["eval"][key], rel=rel, abs=abs_), key
+        metric_rel = max(metric_rel, abs(b["eval"][key] - a["eval"][key]) / max(abs(a["eval"][key]), 1e-12))
+    weight_abs = {}
     for kind in kinds:
         wa, wb = weights(a["out"], kind), weights(b["out"], kind)
         assert wa.keys() == wb.keys() and wa
         for name in wa:
             torch.testing.assert_close(wb[name], wa[name], atol=w_atol, rtol=1e-4, msg=f"{kind}: {name}")
+        weight_abs[kind] = max(float((wb[n] - wa[n]).abs().max()) for n in wa)
+    # What the README's table quotes (pytest -s shows it).
+    print(f"\nlargest differences: metrics {metric_rel:.1e} relative; weights "
+          + ", ".join(f"{k} {v:.1e}" for k, v in weight_abs.items()))
 
 
 # ------------------------------------------------------------------------------------------ baselines
