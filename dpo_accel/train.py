@@ -249,12 +249,13 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     reference, ref_model = build_reference(accelerator, recipe, mode, model, model_path, tokenized, collator)
     trainable, total = count_parameters(model)
     if main:
+        pairs = needs_rejected(recipe.loss)  # sft trains on the chosen rows alone
+        layout = LAYOUT_TEXT[accelerator.unwrap_model(model).layout] if pairs else "chosen rows only"
+        global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
         print(f"{LOG_PREFIX} policy {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M | reference: "
               f"{reference_summary(mode, ref_model)} | {accelerator.num_processes} process(es), "
-              f"{accelerator.mixed_precision} precision | {LAYOUT_TEXT[accelerator.unwrap_model(model).layout]} | "
-              f"{max_steps} steps of "
-              f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes} "
-              f"{'pairs' if needs_rejected(recipe.loss) else 'examples'}")
+              f"{accelerator.mixed_precision} precision | {layout} | {max_steps} steps of {global_batch} "
+              f"{'pairs' if pairs else 'examples'}")
     accelerator.init_trackers("dpo_accel", config=flat_config(recipe))
 
     global_step = 0

@@ -64,7 +64,7 @@ def test_sft_on_single_answer_data_reports_nll_not_rewards(small_model_dir, tmp_
     assert "| eval/nll |" in summary["table"] and "accuracies" not in summary["table"]
     assert os.path.isdir(os.path.join(out, "model"))  # same export as any run
     startup = next(l for l in capsys.readouterr().out.splitlines() if "trainable of" in l)
-    assert startup.endswith("12 steps of 4 examples"), startup  # single answers, not pairs
+    assert startup.endswith("chosen rows only | 12 steps of 4 examples"), startup  # single answers, not pairs
 
 
 def test_progress_bar_postfix_without_a_rejected_side():
