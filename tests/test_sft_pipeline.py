@@ -220,7 +220,9 @@ def test_two_stage_recipes_run_as_documented(small_model_dir, tmp_path, monkeypa
     merged = read_rows("outputs/smollm2_arith_dpo_from_sft")
     from_adapter = read_rows("outputs/smollm2_arith_dpo_from_sft_adapter")
     for rows in (merged, from_adapter):
-        assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+        # policy == reference at step 1: the DPO term is log 2; the recipe adds rpo_alpha (1.0) x NLL
+        assert rows[0]["step"] == 1 and rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+        assert rows[0]["loss"] == pytest.approx(math.log(2) + rows[0]["nll"], abs=1e-4)
         assert "eval/rewards/accuracies" in rows[-1]
     # Both variants start from the same SFT model on the same batch: step-1 policy log-probs agree
     # (bf16 autocast, and merge rounding in the adapter variant).
