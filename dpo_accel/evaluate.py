@@ -57,15 +57,12 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
     return [a.strip() for a in answers]
 
 
-def behaviour_scores(name: Optional[str], prompts: list, answers: list[str]) -> dict[str, float]:
-    """Task-specific measures of generated answers (e.g. 'arith': format and correctness rates)."""
-    if not name:
-        return {"mean_answer_words": sum(len(a.split()) for a in answers) / max(len(answers), 1)}
-    if name == "arith":
-        from dpo_accel.arith_task import behaviour_summary
+def behaviour_scores(name: Optional[str], prompts: list, answers: list[str], rows: Optional[list] = None,
+                     regex: Optional[str] = None) -> dict[str, float]:
+    """Measures of generated answers by the scorer `eval.behaviour` names (dpo_accel.scorers)."""
+    from dpo_accel.scorers import behaviour_scores as score
 
-        return behaviour_summary(prompts, answers)
-    raise ValueError(f"unknown eval.behaviour '{name}'; available: arith")
+    return score(name, prompts, answers, rows, regex)
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
