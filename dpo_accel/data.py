@@ -22,6 +22,14 @@ string or a list of ``{"role", "content"}`` messages and the answers are of the 
   sft             one answer: messages (the last one, an assistant turn, is the answer), or
                   prompt + completion, or prompt + chosen
 
+Mixtures (``data.dataset_mixture``, the alignment-handbook's block; schema in dpo_accel/mixture.py):
+each source is loaded and normalised with its own format, subsampled (``weight``: a seeded fraction,
+as the handbook; ``rows``: a count), mixed in a seeded order and carved (``test_split_size``). Where
+some sources give text and others messages, single-turn conversations become strings (the same
+tokens under a chat template) or, if any is multi-turn or HH, text becomes messages (HH transcripts
+parsed into turns). `tokenize_splits` tokenises and caches each source apart and reports each
+source's kept / truncated / dropped rows and share.
+
 Tokenisation rule (documented behaviour): a message prompt goes through the tokenizer's chat
 template (add_generation_prompt=True); a plain-string prompt is wrapped as one user message and its
 answer as the assistant message whenever the tokenizer has a chat template, so an instruct model
@@ -100,11 +108,13 @@ def _load_files(builder: str, files: list[str], cache_dir: Optional[str]):
     return datasets.load_dataset(builder, data_files={"train": files}, split="train", cache_dir=cache_dir)
 
 
-def _load_raw(cfg: DataConfig, cache_dir: Optional[str]) -> dict:
-    """{"train": Dataset, "eval": Dataset (only if the source has the eval split)}, rows as stored."""
+def _load_raw(cfg: DataConfig, cache_dir: Optional[str], keys: Optional[dict] = None) -> dict:
+    """{"train": Dataset, "eval": Dataset (only if the source has the eval split)}, rows as stored.
+    `keys` names the recipe keys errors point at (a mixture source's id / split / config)."""
     import datasets
 
     name = cfg.dataset_name
+    k = {"name": "data.dataset_name", "split": "data.train_split", "config": "data.dataset_config", **(keys or {})}
     path = _resolve_local(name)
     out = {}
     if path is not None and os.path.isdir(path):
@@ -112,7 +122,7 @@ def _load_raw(cfg: DataConfig, cache_dir: Optional[str]) -> dict:
             saved = datasets.load_from_disk(path)
             if cfg.train_split not in saved:
                 raise DataError(f"saved dataset '{path}' has splits {sorted(saved)}, not '{cfg.train_split}'; "
-                                f"set data.train_split")
+                                f"set {k['split']}")
             out["train"] = saved[cfg.train_split]
             if cfg.eval_split and cfg.eval_split in saved:
                 out["eval"] = saved[cfg.eval_split]
@@ -121,7 +131,7 @@ def _load_raw(cfg: DataConfig, cache_dir: Optional[str]) -> dict:
         if not files:
             found = sorted(os.listdir(path))[:10]
             raise DataError(f"directory '{path}' has no {cfg.train_split}.jsonl/.json/.parquet (it holds {found}); "
-                            f"add that file or set data.train_split")
+                            f"add that file or set {k['split']}")
         out["train"] = _load_files(builder, files, cache_dir)
         if cfg.eval_split:
             builder, files = _split_files(path, cfg.eval_split)
@@ -131,20 +141,20 @@ def _load_raw(cfg: DataConfig, cache_dir: Optional[str]) -> dict:
     if path is not None:
         ext = os.path.splitext(path)[1].lower()
         if ext not in FILE_BUILDERS:
-            raise DataError(f"dataset file '{path}' is not .jsonl, .json or .parquet; convert it or fix data.dataset_name")
+            raise DataError(f"dataset file '{path}' is not .jsonl, .json or .parquet; convert it or fix {k['name']}")
         out["train"] = _load_files(FILE_BUILDERS[ext], [path], cache_dir)
         return out
     if _looks_local(name):
-        raise DataError(f"dataset path '{name}' does not exist; fix data.dataset_name (a local folder, "
+        raise DataError(f"dataset path '{name}' does not exist; fix {k['name']} (a local folder, "
                         f".jsonl/.json/.parquet file, or a hub id)")
     try:
         loaded = datasets.load_dataset(name, cfg.dataset_config, cache_dir=cache_dir)
     except Exception as e:  # offline, unknown id, missing config: all end the run here
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise DataError(f"dataset '{name}' is not a local path and loading it from the hub failed "
-                        f"({type(e).__name__}: {first}); fix data.dataset_name / data.dataset_config") from None
+                        f"({type(e).__name__}: {first}); fix {k['name']} / {k['config']}") from None
     if cfg.train_split not in loaded:
-        raise DataError(f"dataset '{name}' has splits {sorted(loaded)}, not '{cfg.train_split}'; set data.train_split")
+        raise DataError(f"dataset '{name}' has splits {sorted(loaded)}, not '{cfg.train_split}'; set {k['split']}")
     out["train"] = loaded[cfg.train_split]
     if cfg.eval_split and cfg.eval_split in loaded:
         out["eval"] = loaded[cfg.eval_split]
@@ -158,10 +168,13 @@ def load_preference_splits(cfg: DataConfig, seed: int, cache_dir: Optional[str] 
     ``cfg.eval_fraction > 0`` (a seeded ``train_test_split`` of train), "eval". Rows are checked and
     normalised before anything is tokenised, so a bad row stops the run with its index (0-based, in
     the split as stored). ``max_train_samples`` / ``max_eval_samples`` keep a seeded random subset.
-    ``cache_dir``: datasets' cache folder (default: HF_DATASETS_CACHE).
+    ``cache_dir``: datasets' cache folder (default: HF_DATASETS_CACHE). With ``cfg.dataset_mixture``
+    the result is a `MixtureDict` (same interface; see `_load_mixture`).
     """
     import datasets
 
+    if cfg.dataset_mixture is not None:
+        return _load_mixture(cfg, seed, cache_dir)
     raw = _load_raw(cfg, cache_dir)
     splits = {}
     for key, ds in raw.items():
@@ -182,6 +195,164 @@ def load_preference_splits(cfg: DataConfig, seed: int, cache_dir: Optional[str] 
         if cap < len(splits[key]):
             splits[key] = splits[key].shuffle(seed=seed).select(range(cap))
     return datasets.DatasetDict(splits)
+
+
+# ------------------------------------------------------------------------------------- mixtures
+
+class MixtureDict(dict):
+    """The splits of a mixture ("train", maybe "eval": normalised rows in mixed order, a DatasetDict's
+    interface) plus how they were made, so `tokenize_splits` tokenises and caches each source apart:
+
+    parts   [(label, Dataset)]: each source's kept rows, normalised (eval_split sources add a part)
+    orders  {split: int array}: rows of concatenate(parts) in the split's order
+    specs   [str]: what each part's recipe asked for ("weight 0.75", "rows 500", "all", "eval split")
+    """
+
+    def __init__(self, splits: dict, parts: list, orders: dict, specs: list):
+        super().__init__(splits)
+        self.parts, self.orders, self.specs = parts, orders, specs
+
+
+def _select_columns(ds, src, label: str, at: str):
+    """A source's `columns`: a list keeps those columns, a mapping renames {theirs: ours} and keeps them."""
+    if src.columns is None:
+        return ds
+    wanted = list(src.columns)
+    missing = [c for c in wanted if c not in ds.column_names]
+    if missing:
+        raise DataError(f"'{label}' has no column '{missing[0]}' (columns: {sorted(ds.column_names)}); "
+                        f"fix {at}.columns")
+    ds = ds.select_columns(wanted)
+    return ds.rename_columns(dict(src.columns)) if isinstance(src.columns, dict) else ds
+
+
+def _hh_turns(text: str) -> list:
+    """An HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as user/assistant messages."""
+    import re
+
+    parts = re.split(r"(\n\nHuman:|\n\nAssistant:)", text)
+    out = []
+    for marker, content in zip(parts[1::2], parts[2::2]):
+        if content.strip():
+            out.append({"role": "user" if marker == HH_HUMAN else "assistant", "content": content.strip()})
+    return out
+
+
+def _lift_row(row: dict, hh: bool) -> dict:
+    """Plain-text prompt/answers as messages, so sources of text and messages can share one column type.
+    A plain string becomes one user (prompt) or assistant (answer) message, which is what the chat
+    template sees for it anyway; an HH transcript is parsed into its turns."""
+    if isinstance(row["prompt"], list):
+        return row
+    out = {"prompt": _hh_turns(row["prompt"]) if hh else [{"role": "user", "content": row["prompt"]}]}
+    for side in ("chosen", "rejected"):
+        if side in row:
+            text = row[side].strip() if hh else row[side]
+            out[side] = [{"role": "assistant", "content": text}]
+    return out
+
+
+def _single_turn(ds) -> bool:
+    """Every row is one user message answered by one assistant message (no system turn, no history)."""
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    for col in [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]:
+        lengths = pc.list_value_length(table.column(col))
+        roles = pc.list_flatten(table.column(col)).combine_chunks().field("role")
+        want = "user" if col == "prompt" else "assistant"
+        if pc.min(lengths).as_py() != 1 or pc.max(lengths).as_py() != 1 or not pc.all(pc.equal(roles, want)).as_py():
+            return False
+    return True
+
+
+def _lower_row(row: dict) -> dict:
+    """A single-turn conversation as plain strings: under a chat template the same tokens (a string
+    prompt is wrapped as one user message, an answer as one assistant message)."""
+    return {col: row[col][0]["content"] for col in ("prompt", "chosen", "rejected") if col in row}
+
+
+def _subsample(n: int, src, seed: int) -> np.ndarray:
+    """Row indices kept of a source of n rows: handbook weight (int(n * weight) of a seeded shuffle),
+    a row count (whole shuffles repeated when it exceeds n), or all rows in order."""
+    perm = np.random.default_rng(seed).permutation(n)
+    if src.weight is not None:
+        return perm[:int(n * src.weight)]
+    if src.rows is not None:
+        return np.concatenate([perm] * (src.rows // n) + [perm[:src.rows % n]])
+    return np.arange(n)
+
+
+def _load_mixture(cfg: DataConfig, seed: int, cache_dir: Optional[str]) -> MixtureDict:
+    """Load, check and normalise every source of `cfg.dataset_mixture`, subsample each, mix, carve eval."""
+    import datasets
+
+    from dpo_accel.mixture import held_out_rows, parse_mixture
+
+    mixture = parse_mixture(cfg.dataset_mixture)
+    seed = seed if mixture.seed is None else mixture.seed
+    parts, specs, train_parts, kinds = [], [], [], []
+    for k, src in enumerate(mixture.sources):
+        at = f"data.dataset_mixture.datasets[{k}]"
+        one = DataConfig(dataset_name=src.id, dataset_config=src.config, train_split=src.split,
+                         eval_split=src.eval_split)
+        raw = _load_raw(one, cache_dir, {"name": f"{at}.id", "split": f"{at}.split", "config": f"{at}.config"})
+        if src.eval_split and "eval" not in raw:
+            raise DataError(f"'{src.label}' has no split '{src.eval_split}'; fix or remove {at}.eval_split")
+        fmt = src.format or cfg.format
+        for key, ds in raw.items():
+            split = src.split if key == "train" else src.eval_split
+            label = src.label if key == "train" else f"{src.id} [{split}]"
+            ds = normalise_split(_select_columns(ds, src, label, at), fmt, label)
+            if key == "train":
+                keep = _subsample(len(ds), src, seed)
+                if len(keep) == 0:
+                    raise DataError(f"{at}.weight {src.weight} keeps no row of the {len(ds)} in '{label}'; raise it")
+                ds = ds.select(keep, new_fingerprint=_hash("subsample", ds._fingerprint, _digest(keep)))
+                train_parts.append(len(parts))
+                specs.append(f"weight {src.weight}" if src.weight is not None else
+                             f"rows {src.rows}" if src.rows is not None else "all rows")
+            else:
+                specs.append("eval split")
+            kinds.append(("messages" if isinstance(ds[0]["prompt"], list) else "text",
+                          "rejected" in ds.column_names, fmt == "hh" or fmt == "auto" and _is_hh(ds)))
+            parts.append((label, ds))
+    if len({paired for _, paired, _ in kinds}) > 1:
+        raise DataError("data.dataset_mixture mixes single-answer (sft) sources with preference pairs; "
+                        "mix one kind, or give the sft sources a 'rejected' column")
+    if len({kind for kind, _, _ in kinds}) > 1:  # some text, some messages: one column type for all
+        lower = not any(hh for _, _, hh in kinds) and all(
+            _single_turn(ds) for (_, ds), (kind, _, _) in zip(parts, kinds) if kind == "messages")
+        for j, ((label, ds), (kind, _, hh)) in enumerate(zip(parts, kinds)):
+            if lower and kind == "messages":
+                parts[j] = (label, ds.map(_lower_row, remove_columns=ds.column_names,
+                                          new_fingerprint=_hash("lower", ds._fingerprint), desc=f"as text {label}"))
+            elif not lower and kind == "text":
+                parts[j] = (label, ds.map(_lift_row, fn_kwargs={"hh": hh}, remove_columns=ds.column_names,
+                                          new_fingerprint=_hash("lift", ds._fingerprint, hh), desc=f"lift {label}"))
+    offsets = np.cumsum([0] + [len(ds) for _, ds in parts])
+    pool = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in train_parts])
+    pool = pool[np.random.default_rng(seed).permutation(len(pool))]
+    n_eval = held_out_rows(mixture.test_split_size, len(pool))
+    orders = {"train": pool[n_eval:]}
+    own_eval = [np.arange(offsets[j], offsets[j + 1]) for j, spec in enumerate(specs) if spec == "eval split"]
+    if n_eval or own_eval:
+        orders["eval"] = np.concatenate([pool[:n_eval]] + own_eval)
+    for key, cap in (("train", cfg.max_train_samples), ("eval", cfg.max_eval_samples)):
+        if cap is not None and key in orders:
+            if cap < 1:
+                raise DataError(f"data.max_{key}_samples must be at least 1 (or null for all rows), got {cap}")
+            orders[key] = orders[key][:cap]  # already in a seeded random order
+    whole = datasets.concatenate_datasets([ds for _, ds in parts])
+    fps = [ds._fingerprint for _, ds in parts]
+    splits = {key: whole.select(order, new_fingerprint=_hash("mix", fps, key, _digest(order)))
+              for key, order in orders.items()}
+    return MixtureDict(splits, parts, orders, specs)
+
+
+def _is_hh(ds) -> bool:
+    """A normalised split whose prompts are HH transcripts (raw text ending in the Assistant marker)."""
+    return isinstance(ds[0]["prompt"], str) and _is_transcript(ds[0]["prompt"])
 
 
 # ----------------------------------------------------------------------------------- normalising
@@ -334,6 +505,10 @@ def normalise_split(ds, fmt: str = "auto", split: str = "train"):
 
 
 # ---------------------------------------------------------------------------------- tokenising
+
+def _digest(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
 
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([_CODE_HASH, *parts], default=str).encode()).hexdigest()[:32]
@@ -514,36 +689,87 @@ def tokenize_splits(splits, tokenizer, cfg: DataConfig) -> tuple:
 
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set model.tokenizer_name_or_path to one that does")
-    tok_hash = tokenizer_fingerprint(tokenizer)
-    auto_bos = _auto_bos(tokenizer)
+    tok = (tokenizer, tokenizer_fingerprint(tokenizer), _auto_bos(tokenizer))
+    if isinstance(splits, MixtureDict):
+        return _tokenize_mixture(splits, tok, cfg)
     out, stats = {}, {}
     for key, ds in splits.items():
-        paired = "rejected" in ds.column_names
-        settings = (cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
-        fingerprint = _hash("tokenize", ds._fingerprint, tok_hash, settings)
-        mapped = ds.map(
-            _tokenize_row, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
-            fn_kwargs=dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                           truncation_mode=cfg.truncation_mode, paired=paired, auto_bos=auto_bos, split=key),
-            new_fingerprint=fingerprint, desc=f"tokenize {key}")
-        helpers = mapped.select_columns(list(_HELPER_COLUMNS)).with_format("numpy")[:]
-        status = helpers["_status"]
-        kept = status != STATUS_DROPPED
-        stats[key] = {
-            "pairs": int(status.size), "kept": int(kept.sum()), "truncated": int((status == STATUS_TRUNCATED).sum()),
-            "dropped": int((~kept).sum()), "chosen_len": _percentiles(helpers["chosen_length"][kept]),
-            "raw_max": int(helpers["_raw_length"].max()),
-        }
-        if paired:
-            stats[key]["rejected_len"] = _percentiles(helpers["rejected_length"][kept])
-        if not kept.all():
-            mapped = mapped.filter(_keep_row, input_columns="_status", new_fingerprint=_hash("drop", fingerprint))
-        if stats[key]["kept"] == 0:
-            raise DataError(f"every pair of split '{key}' was dropped by truncation; raise data.max_length "
-                            f"(now {cfg.max_length}) or data.max_prompt_length (now {cfg.max_prompt_length})")
-        mapped = mapped.remove_columns(list(_HELPER_COLUMNS))
-        out[key] = mapped.add_column("idx", np.arange(len(mapped), dtype=np.int64),
-                                     new_fingerprint=_hash("idx", mapped._fingerprint))
+        mapped = _tokenize_split(ds, key, tok, cfg)
+        helpers = _helpers(mapped)
+        stats[key] = _split_stats(helpers, "rejected" in ds.column_names)
+        out[key] = _finish_split(mapped, helpers["_status"], key, cfg, stats[key]["kept"])
+    return datasets.DatasetDict(out), stats
+
+
+def _tokenize_split(ds, key: str, tok: tuple, cfg: DataConfig):
+    """datasets.map of `_tokenize_row` over one split, fingerprinted by its inputs (so cached)."""
+    tokenizer, tok_hash, auto_bos = tok
+    settings = (cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
+    return ds.map(
+        _tokenize_row, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
+        fn_kwargs=dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                       truncation_mode=cfg.truncation_mode, paired="rejected" in ds.column_names,
+                       auto_bos=auto_bos, split=key),
+        new_fingerprint=_hash("tokenize", ds._fingerprint, tok_hash, settings), desc=f"tokenize {key}")
+
+
+def _helpers(mapped) -> dict:
+    return mapped.select_columns(list(_HELPER_COLUMNS)).with_format("numpy")[:]
+
+
+def _split_stats(helpers: dict, paired: bool) -> dict:
+    status = helpers["_status"]
+    kept = status != STATUS_DROPPED
+    out = {"pairs": int(status.size), "kept": int(kept.sum()), "truncated": int((status == STATUS_TRUNCATED).sum()),
+           "dropped": int((~kept).sum()), "chosen_len": _percentiles(helpers["chosen_length"][kept]),
+           "raw_max": int(helpers["_raw_length"].max()) if status.size else 0}
+    if paired:
+        out["rejected_len"] = _percentiles(helpers["rejected_length"][kept])
+    return out
+
+
+def _finish_split(mapped, status: np.ndarray, key: str, cfg: DataConfig, kept: int):
+    """Drop the dropped pairs, remove the helper columns, number the rows (idx)."""
+    if kept == 0:
+        raise DataError(f"every pair of split '{key}' was dropped by truncation; raise data.max_length "
+                        f"(now {cfg.max_length}) or data.max_prompt_length (now {cfg.max_prompt_length})")
+    if kept < status.size:
+        mapped = mapped.filter(_keep_row, input_columns="_status", new_fingerprint=_hash("drop", mapped._fingerprint))
+    mapped = mapped.remove_columns(list(_HELPER_COLUMNS))
+    return mapped.add_column("idx", np.arange(len(mapped), dtype=np.int64),
+                             new_fingerprint=_hash("idx", mapped._fingerprint))
+
+
+def _tokenize_mixture(splits: MixtureDict, tok: tuple, cfg: DataConfig) -> tuple:
+    """Tokenise each source's rows on their own (cached per source: another source's weight or a
+    new seed leaves it cached), then assemble each split in the mixture's order. Stats gain
+    ``sources``: per source pairs / kept / truncated / dropped, length percentiles, what the recipe
+    asked for (``spec``) and its ``share`` of the split's kept pairs."""
+    import datasets
+
+    tokenized = [_tokenize_split(ds, label, tok, cfg) for label, ds in splits.parts]
+    helpers = [_helpers(m) for m in tokenized]
+    every = {col: np.concatenate([h[col] for h in helpers]) for col in _HELPER_COLUMNS}
+    part_of = np.repeat(np.arange(len(tokenized)), [len(m) for m in tokenized])
+    whole = datasets.concatenate_datasets(tokenized)
+    fps = [m._fingerprint for m in tokenized]
+    paired = "rejected_input_ids" in whole.column_names
+    out, stats = {}, {}
+    for key, order in splits.orders.items():
+        h = {col: v[order] for col, v in every.items()}
+        stats[key] = _split_stats(h, paired)
+        stats[key]["sources"] = {}
+        for j, (label, _) in enumerate(splits.parts):
+            mine = part_of[order] == j
+            if mine.any():
+                s = _split_stats({col: v[mine] for col, v in h.items()}, paired)
+                s.update(spec=splits.specs[j], share=s["kept"] / max(stats[key]["kept"], 1))
+                stats[key]["sources"][label] = s
+        mapped = whole.select(order, new_fingerprint=_hash("mix-tokenized", fps, key, _digest(order)))
+        mapped = mapped.remove_columns(["source_idx"])  # the row in this split (as load_preference_splits gave it)
+        mapped = mapped.add_column("source_idx", np.arange(len(order), dtype=np.int64),
+                                   new_fingerprint=_hash("mix-source-idx", mapped._fingerprint))
+        out[key] = _finish_split(mapped, h["_status"], key, cfg, stats[key]["kept"])
     return datasets.DatasetDict(out), stats
 
 
@@ -583,6 +809,10 @@ def format_stats(stats: dict) -> str:
     for key, s in stats.items():
         lines.append(f"{key:<8}{s['pairs']:>8}{s['kept']:>8}{s['truncated']:>8}{s['dropped']:>9}{s['raw_max']:>9}   "
                      f"{q(s['chosen_len']):<24}{q(s.get('rejected_len')):<24}")
+        for label, src in s.get("sources", {}).items():  # a mixture: one line per source, its share of the split
+            lines.append(f"  {'':<6}{src['pairs']:>8}{src['kept']:>8}{src['truncated']:>8}{src['dropped']:>9}"
+                         f"{src['raw_max']:>9}   {q(src['chosen_len']):<24}{q(src.get('rejected_len')):<24}"
+                         f"{src['share']:>6.1%} of {key}  {label} ({src['spec']})")
     return "\n".join(lines)
 
 

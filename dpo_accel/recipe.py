@@ -74,6 +74,9 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     num_proc: Optional[int] = None  # datasets.map workers for tokenisation
     group_by_length: bool = True  # length-grouped batches (shuffled mega-batches sorted by length)
+    # Several sources instead of dataset_name, the alignment-handbook's block: {datasets: [{id, config, split,
+    # columns, weight | rows, format, eval_split}], seed, test_split_size}; see dpo_accel/mixture.py
+    dataset_mixture: Optional[dict] = None
 
 
 @dataclass
@@ -172,14 +175,18 @@ CHOICES = {
 YAML_BOOL_WORDS = {"train.mixed_precision": {False: "no"}}
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
-    leaf = key.split(".")[-1]
-    by_leaf = [c for c in candidates if c.split(".")[-1] == leaf]
-    close = by_leaf or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5) or difflib.get_close_matches(
-        leaf, [c.split(".")[-1] for c in candidates], n=1, cutoff=0.6)
+def did_you_mean(word: str, choices, cutoff: float = 0.5, list_choices: bool = False) -> str:
+    """"; did you mean 'x'?" naming the closest of `choices` (the project's one spelling helper). Dotted keys
+    also match by their last part (``learning_rate`` -> ``train.learning_rate``). With no close match: ""
+    or, with `list_choices`, "; choose one of: a, b"."""
+    word, choices = str(word), [str(c) for c in choices]
+    leaf = word.split(".")[-1]
+    by_leaf = [c for c in choices if "." in c and c.split(".")[-1] == leaf]
+    close = by_leaf or difflib.get_close_matches(word, choices, n=1, cutoff=cutoff) or difflib.get_close_matches(
+        leaf, [c.split(".")[-1] for c in choices], n=1, cutoff=0.6)
     if not close:
-        return ""
-    hit = close[0] if "." in close[0] else next(c for c in candidates if c.endswith("." + close[0]))
+        return "; choose one of: " + ", ".join(choices) if list_choices else ""
+    hit = close[0] if close[0] in choices else next(c for c in choices if c.endswith("." + close[0]))
     return f"; did you mean '{hit}'?"
 
 
@@ -226,7 +233,7 @@ def _build(cls: type, values: dict, prefix: str, candidates: list[str]) -> Any:
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in hints:
-            raise RecipeError(f"unknown recipe key '{path}'{_suggest(path, candidates)}")
+            raise RecipeError(f"unknown recipe key '{path}'{did_you_mean(path, candidates)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -262,7 +269,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         key, value = parse_override(text)
         if key not in keys:
-            raise RecipeError(f"unknown recipe key '{key}' in override '{text}'{_suggest(key, keys)}")
+            raise RecipeError(f"unknown recipe key '{key}' in override '{text}'{did_you_mean(key, keys)}")
         section, leaf = key.split(".", 1)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
@@ -303,6 +310,12 @@ def validate(recipe: Recipe) -> Recipe:
             f"loss.loss_weights has {len(l.loss_weights)} entries for {len(l.loss_type)} loss types; give one weight per type")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise RecipeError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if d.dataset_mixture is not None:
+        from dpo_accel.mixture import parse_mixture
+
+        parse_mixture(d.dataset_mixture)
+        if d.eval_fraction > 0:
+            raise RecipeError("data.eval_fraction does not apply to a mixture; set data.dataset_mixture.test_split_size")
     e = recipe.eval
     if e.temperature < 0 or not 0.0 < e.top_p <= 1.0:
         raise RecipeError(f"eval.temperature must be >= 0 and eval.top_p in (0, 1], got {e.temperature} and {e.top_p}")
