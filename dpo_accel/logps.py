@@ -27,10 +27,22 @@ mask, sees the shared part but not the chosen rest. The hidden states are those 
 exactly (same tokens, positions and visible context), so log-probs and gradients equal the stacked
 forward's; the decoder runs on ``c + r - s`` tokens per pair instead of ``2 max(c, r)``. Prefix sharing is
 how DPO's prompt-heavy batches lose most of their FLOPs (the prompt is often the longer half of a row).
+Sliding-window layers get their own mask (the window counted in each token's own-row positions), passed
+per attention type (``{"full_attention": ..., "sliding_attention": ...}``) where the layers differ.
+
+Any causal LM: the lean path is found through the model's own API (``get_decoder()``,
+``get_output_embeddings()``, the config's logit soft-capping / scaling), not from a list of model types,
+and a self-check (`settle_logps_path`) compares it, and the prefix-shared layout, with the model's own
+forward on a probe batch before training; where either differs, the full-logits path or stacked rows run
+instead, and the start-up line says why. Mixture-of-experts models also return the router's
+load-balancing loss (``aux_loss``) when gradients are on, computed by the model's own function on the
+tokens of the stacked rows (a shared prefix counts once per row it stands for).
 """
 from __future__ import annotations
 
 import math
+import sys
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -38,15 +50,12 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
-# Model types whose causal-LM forward is ``transform(lm_head(decoder(...).last_hidden_state))``, checked
-# against the model's own logits with a tiny random model of each type (transformers 5.23). The value
-# names the transform of the logits: None, "softcap" (config.final_logit_softcapping, Gemma 2/3),
-# "divide" (config.logits_scaling, Granite) or "multiply" (config.logit_scale, Cohere).
-LEAN_MODEL_TYPES: dict[str, Optional[str]] = {
-    "llama": None, "mistral": None, "qwen2": None, "qwen3": None, "phi3": None, "olmo2": None,
-    "smollm3": None, "gemma": None, "gemma2": "softcap", "gemma3_text": "softcap",
-    "granite": "divide", "cohere": "multiply", "cohere2": "multiply",
-}
+# Relative difference (per sequence, of the summed label log-probs) within which the self-check calls a
+# fast path exact. float32 / float64 models: 1e-4, as a missed bias, scale or cap shows at 1e-2 and more.
+# 16-bit weights: the model's own logits are rounded to 8 mantissa bits before its soft-cap or scale,
+# so the two ways of rounding differ by about 1e-3 where both are right.
+SELF_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4}
+SELF_CHECK_RTOL_16BIT = 1e-2
 
 # Attention implementations that keep packed sequences apart when given restarting position_ids and no
 # attention mask: sdpa / eager / flex get a block-diagonal causal mask from transformers' mask creation,
@@ -58,6 +67,8 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fl
 # eager an additive float one. Flash-attention kernels take no arbitrary mask.
 PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
 
+# Layer types (config.layer_types) whose mask prefix sharing can build: causal, or causal within a window.
+WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # --------------------------------------------------------------------------------------------- inputs
 
@@ -128,21 +139,39 @@ def _unwrap_for_config(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _logit_transform(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """The function the model's causal-LM forward applies after the LM head, from its config."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LEAN_MODEL_TYPES:
-        raise ValueError(f"memory-lean log-probs are not verified for model type '{model_type}' (known: "
-                         f"{', '.join(sorted(LEAN_MODEL_TYPES))}); pass naive=True")
-    kind = LEAN_MODEL_TYPES[model_type]
-    if kind == "softcap":
-        cap = getattr(config, "final_logit_softcapping", None)
-        return None if cap is None else (lambda x: torch.tanh(x / cap) * cap)
-    if kind == "divide":
-        scale = config.logits_scaling
-        return lambda x: x / scale
-    if kind == "multiply":
-        scale = config.logit_scale
-        return lambda x: x * scale
+    """What the causal-LM forward applies after the LM head, read from the config's own fields:
+    ``final_logit_softcapping`` (Gemma 2/3: cap * tanh(x / cap)), ``logits_scaling`` (Granite: x / s),
+    ``logit_scale`` (Cohere: x * s). A family doing anything else is caught by the self-check."""
+    steps = []
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        steps.append(lambda x: x / scaling)
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        steps.append(lambda x: x * scale)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and cap > 0:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def transform(x):
+        for step in steps:
+            x = step(x)
+        return x
+    return transform
+
+
+def lean_problem(hf_model: torch.nn.Module) -> Optional[str]:
+    """Why the model's structure offers no lean path (None: decoder body and output embedding found)."""
+    try:
+        decoder = hf_model.get_decoder()
+    except Exception as e:  # a family with no lookup rule raises here
+        return f"get_decoder() fails ({type(e).__name__}: {e})"
+    if decoder is None or decoder is hf_model:
+        return "get_decoder() gives no decoder body apart from the model"
+    if hf_model.get_output_embeddings() is None:
+        return "get_output_embeddings() gives no LM head"
     return None
 
 
@@ -161,26 +190,43 @@ def _check_packing(config) -> None:
                          f"({', '.join(PACKING_ATTENTION)}); the model uses '{impl}'; set packing=False")
 
 
+def attention_windows(config) -> dict[str, Optional[int]]:
+    """The attention types of the model's layers and the window of each (None: plain causal).
+
+    From ``config.layer_types`` where the family has it (Gemma 2/3, Qwen2, Cohere 2, ...: the model then
+    takes a dict of masks keyed by these names), else one type whose window is ``config.sliding_window``
+    (Mistral, Mixtral, Phi-3, StarCoder2: one mask for every layer). Raises ValueError for a layer type
+    whose mask prefix sharing cannot build (chunked or linear attention, ...)."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return {"full_attention" if window is None else "sliding_attention": window}
+    unknown = sorted(set(layer_types) - set(WINDOWED_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"layer type '{unknown[0]}' has a mask prefix sharing cannot build")
+    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(layer_types)}
+
+
 def _prefix_sharing_problem(config) -> Optional[str]:
-    """Why prefix sharing cannot run on this model (None: it can)."""
+    """Why prefix sharing cannot run on this model, seen from its config (None: it can; the self-check
+    then confirms it on data)."""
     impl = getattr(config, "_attn_implementation", None)
     if impl not in PREFIX_SHARING_ATTENTION:
         return (f"prefix sharing needs an attention implementation that takes a custom 4D mask "
                 f"({', '.join(PREFIX_SHARING_ATTENTION)}); the model uses '{impl}'")
-    if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES:
-        return (f"prefix sharing is not verified for model type '{getattr(config, 'model_type', None)}' "
-                f"(known: {', '.join(sorted(LEAN_MODEL_TYPES))})")
+    try:
+        attention_windows(config)
+    except ValueError as e:
+        return str(e)
     return None
 
 
-def _has_sliding_window(config) -> bool:
-    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-
-
 def resolve_prefix_sharing(config, requested: Optional[bool], packing: bool = False) -> bool:
-    """The recipe's ``train.prefix_sharing``: True requires it (one-line error when the model cannot),
-    False turns it off, None (auto) turns it on wherever it is exact for every batch: a verified model
-    type, sdpa/eager attention, no sliding window, no packing."""
+    """The recipe's ``train.prefix_sharing`` as far as the config decides it: True requires it (one-line
+    error when the model cannot), False turns it off, None (auto) turns it on wherever the attention
+    implementation and layer types allow and there is no packing (the self-check may still turn it off)."""
     if requested is False:
         return False
     if requested and packing:
@@ -190,7 +236,7 @@ def resolve_prefix_sharing(config, requested: Optional[bool], packing: bool = Fa
         if problem:
             raise ValueError(f"{problem}; set prefix_sharing to false")
         return True
-    return problem is None and not packing and not _has_sliding_window(config)
+    return problem is None and not packing
 
 
 def shared_prefix_lengths(batch: dict) -> torch.Tensor:
@@ -217,17 +263,17 @@ def _prefix_shared_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """One row per pair: ``[chosen (c tokens) | rejected tokens after the shared prefix (r - s)]``.
 
     Returns (forward kwargs, shared [B], chosen lengths [B], row length L): input ids [B, L], position ids
-    [B, L] (the rejected part keeps its own row's positions s..r-1) and a 4D mask [B, 1, L, L] that is
-    causal except that rejected-part queries never see the chosen part after the shared prefix. Padding
-    sits at the end of a row; its queries see everything before them (no empty softmax row)."""
+    [B, L] (the rejected part keeps its own row's positions s..r-1, which is also what learned absolute
+    position embeddings and partial rotary read) and a 4D mask [B, 1, L, L] that is causal except that
+    rejected-part queries never see the chosen part after the shared prefix. A sliding-window layer type
+    also hides keys whose own-row position is ``window`` or more behind the query's (transformers'
+    ``kv > q - window``), so the rejected part sees exactly the window of its own row; with several layer
+    types the mask is a dict keyed by type, as the model's forward accepts. Padding sits at the end of a
+    row; its queries see what is before them (no empty softmax row)."""
     B = n_chosen
     c_len, r_len = attention_mask[:B].sum(-1), attention_mask[B:].sum(-1)
     shared = shared_prefix_lengths({"chosen_input_ids": input_ids[:B], "chosen_attention_mask": attention_mask[:B],
                                     "rejected_input_ids": input_ids[B:], "rejected_attention_mask": attention_mask[B:]})
-    window = config.sliding_window if _has_sliding_window(config) else None
-    if window is not None and int(torch.maximum(c_len, r_len).max()) > window:
-        raise ValueError(f"prefix sharing needs every sequence within the model's sliding window ({window}) "
-                         f"tokens; set prefix_sharing=False for longer ones")
     row_len = c_len + r_len - shared
     L = int(row_len.max().clamp(min=1))
     j = torch.arange(L, device=input_ids.device).unsqueeze(0)  # [1, L] column in the shared row
@@ -240,12 +286,42 @@ def _prefix_shared_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     query, key = j.unsqueeze(2), j.unsqueeze(1)  # [1, L, 1], [1, 1, L]
     c, s = c_len.view(B, 1, 1), shared.view(B, 1, 1)
     hidden_from_rejected = (query >= c) & (query < row_len.view(B, 1, 1)) & (key >= s) & (key < c)
-    mask = (key <= query) & ~hidden_from_rejected  # [B, L, L] True = may attend
-    mask = mask.unsqueeze(1)
-    if getattr(config, "_attn_implementation", None) == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-            ~mask, torch.finfo(torch.float32).min)
+    allowed = (key <= query) & ~hidden_from_rejected  # [B, L, L] True = may attend
+    distance = source.unsqueeze(2) - source.unsqueeze(1)  # own-row position of the query minus the key's
+    eager = getattr(config, "_attn_implementation", None) == "eager"  # eager adds the mask to the scores
+    masks = {}
+    for layer_type, window in attention_windows(config).items():
+        mask = (allowed if window is None else allowed & (distance < window)).unsqueeze(1)
+        if eager:
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min)
+        masks[layer_type] = mask
+    mask = next(iter(masks.values())) if len(masks) == 1 else masks
     return dict(input_ids=ids, position_ids=source, attention_mask=mask), shared, c_len, L
+
+
+# ------------------------------------------------------------------------- mixture-of-experts routers
+
+def router_aux_spec(hf_model: torch.nn.Module) -> Optional[tuple]:
+    """(load-balancing function, experts, experts per token, config coefficient) of an MoE causal LM whose
+    forward takes ``output_router_logits`` (Mixtral, Qwen2/3-MoE, OLMoE, JetMoE, ...), else None.
+
+    The function is the family's own ``load_balancing_loss_func`` (the one its forward uses for
+    ``aux_loss``); the coefficient is ``config.router_aux_loss_coef`` (``aux_loss_coef`` where the family
+    names it so), 0 where neither exists."""
+    config = getattr(hf_model, "config", None)
+    if config is None or not hasattr(config, "output_router_logits"):
+        return None
+    fn = getattr(sys.modules.get(type(hf_model).__module__), "load_balancing_loss_func", None)
+    experts = (getattr(hf_model, "num_experts", None) or getattr(config, "num_local_experts", None)
+               or getattr(config, "num_experts", None))
+    top_k = getattr(hf_model, "num_experts_per_tok", None) or getattr(config, "num_experts_per_tok", None)
+    if fn is None or not experts or not top_k:
+        return None
+    coef = getattr(config, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(config, "aux_loss_coef", None)
+    return fn, int(experts), int(top_k), float(coef or 0.0)
 
 
 # ------------------------------------------------------------------------------------------ the head
@@ -302,7 +378,8 @@ def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
 # ------------------------------------------------------------------------------------------ public
 
 def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 256, wpo: bool = False,
-                       naive: bool = False, packing: bool = False, prefix_sharing: bool = False) -> dict:
+                       naive: bool = False, packing: bool = False, prefix_sharing: bool = False,
+                       router_aux: bool = False) -> dict:
     """Summed log-probs of the label tokens of every chosen and rejected row, from one forward pass.
 
     Args:
@@ -311,10 +388,13 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         chunk_size: label positions per LM-head chunk on the lean path (peak extra memory ~ chunk_size * V * 4 B
             for the float32 logits, plus their softmax in backward).
         wpo: also return TRL's WPO per-sequence terms (detached).
-        naive: full [R, T, V] logits -> float32 log_softmax -> gather (the reference path).
+        naive: full [R, T, V] logits -> float32 log_softmax -> gather (the model's own forward); False runs
+            the lean path as given, unchecked (`PreferenceLogpsModel` / `concatenated_forward` check it).
         packing: run the decoder on the real tokens only, packed into one row (padding-free).
         prefix_sharing: run each pair's common prefix once (one row per pair, custom 4D mask; see module
             docstring). Exclusive with packing; a no-op without rejected rows.
+        router_aux: on an MoE model, also return ``aux_loss`` (the router load-balancing loss over the
+            tokens of the stacked rows, as the model's own forward computes it) and ``aux_loss_coef``.
 
     Returns a dict of float32 [B] tensors (float64 for a float64 model): ``chosen_logps`` (sum over label tokens of log p(token | prefix);
     the token at t is predicted by position t-1), ``chosen_tokens`` (label-token count), with wpo
@@ -327,11 +407,19 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     _check_padding(attention_mask, labels)
     hf_model = _unwrap(model) if not naive else None
     config = (hf_model if hf_model is not None else _unwrap_for_config(model)).config
+    if hf_model is not None:
+        problem = lean_problem(hf_model)
+        if problem:
+            raise ValueError(f"no memory-lean path for model type '{config.model_type}': {problem}; pass naive=True")
     if packing:
         _check_packing(config)
     if prefix_sharing:
         resolve_prefix_sharing(config, True, packing)  # one-line error where it cannot run
         prefix_sharing = input_ids.shape[0] > n_chosen  # nothing to share without rejected rows
+    aux_spec = router_aux_spec(_unwrap(_unwrap_for_config(model)) if naive else hf_model) if router_aux else None
+    if aux_spec and naive and prefix_sharing:
+        raise ValueError("the full-logits path of an MoE model computes its router loss on stacked rows; "
+                         "set prefix_sharing=False")
     if not naive and not packing:
         # Right padding: columns past the longest real row change nothing; drop them before the decoder.
         T = int(attention_mask.sum(-1).max().clamp(min=1))
@@ -342,22 +430,30 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     next_labels = labels[:, 1:]
     rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)  # [N] each, row-major order
     targets = next_labels[rows, cols]
+    token_weight = attention_mask  # per decoder token: how many stacked rows it stands for (router loss)
     if packing:  # index of (row, col) among the real tokens, in the packed row's order
         flat_pos = (attention_mask.reshape(-1).cumsum(0) - 1).view(R, T)[rows, cols]
         packed_ids, position_ids = _packed_inputs(input_ids, attention_mask)
         forward_kwargs = dict(input_ids=packed_ids, position_ids=position_ids, attention_mask=None)
+        token_weight = torch.ones_like(packed_ids)
     elif prefix_sharing:  # chosen rows keep their columns; rejected columns past the shared prefix move
         forward_kwargs, shared, c_len, L = _prefix_shared_inputs(input_ids, attention_mask, n_chosen, config)
         pair = rows % n_chosen
         moved = (rows >= n_chosen) & (cols >= shared[pair])
         flat_pos = pair * L + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
+        j = torch.arange(L, device=input_ids.device).unsqueeze(0)
+        row_len = c_len + attention_mask[n_chosen:].sum(-1) - shared
+        token_weight = (j < row_len.unsqueeze(1)).long() + (j < shared.unsqueeze(1)).long()
     else:
         flat_pos = rows * T + cols
         forward_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if aux_spec:
+        forward_kwargs["output_router_logits"] = True
 
     wpo_adjust = None
     if naive:
-        logits = model(**forward_kwargs, use_cache=False).logits  # [R, T, V] or [1, L, V]
+        outputs = model(**forward_kwargs, use_cache=False)
+        logits = outputs.logits  # [R, T, V] or [1, L, V]
         logps = torch.log_softmax(_upcast(logits), dim=-1).flatten(0, 1)[flat_pos]  # [N, V]
         token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if wpo:
@@ -365,8 +461,8 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
                 wpo_adjust = torch.logsumexp(2.0 * logps, dim=-1)
     else:
         transform = _logit_transform(config)
-        hidden = hf_model.get_decoder()(**forward_kwargs, use_cache=False).last_hidden_state  # post final norm
-        hidden = hidden.flatten(0, 1)[flat_pos]  # [N, H]
+        outputs = hf_model.get_decoder()(**forward_kwargs, use_cache=False)
+        hidden = outputs.last_hidden_state.flatten(0, 1)[flat_pos]  # post final norm; [N, H]
         token_logps, wpo_adjust = _lean_token_logps(hf_model.get_output_embeddings(), transform, wpo,
                                                     hidden, targets, chunk_size)
 
@@ -383,7 +479,155 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         out["chosen_wpo_logps"] = means[:n_chosen]
         if R > n_chosen:
             out["rejected_wpo_logps"] = means[n_chosen:]
+    if aux_spec:
+        fn, experts, top_k, coef = aux_spec
+        # The family's own function with each token weighted by the stacked rows it stands for (a shared
+        # prefix twice, padding never): the value its forward gives for the stacked [2B, T] rows.
+        out["aux_loss"] = torch.as_tensor(fn(outputs.router_logits, experts, top_k, token_weight), device=device)
+        out["aux_loss_coef"] = torch.tensor(coef, device=device)
     return out
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """max over sequences of |a - b| / |b| for the summed log-probs (the self-check's measure)."""
+    worst = 0.0
+    for key in ("chosen_logps", "rejected_logps"):
+        if key in a and key in b:
+            ref = b[key].double()
+            diff = (a[key].double() - ref).abs() / ref.abs().clamp(min=1e-12)
+            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+    return worst
+
+
+def _probe(batch: dict, pairs: int = 2) -> dict:
+    """The first ``pairs`` pairs of a batch (tensors sliced on rows; other keys dropped)."""
+    return {k: v[:pairs] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+            and k.split("_", 1)[0] in ("chosen", "rejected")}
+
+
+def _self_check_rtol(hf_model: torch.nn.Module) -> float:
+    param = next(hf_model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return SELF_CHECK_RTOL.get(dtype, SELF_CHECK_RTOL_16BIT)
+
+
+def _agree_across_processes(ok: bool, device) -> bool:
+    """All ranks must take the same path (ZeRO-3 counts head calls across ranks): any rank's no wins."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+class PathDecision:
+    """What the self-check found for one model: the log-prob path, the layout, and why."""
+
+    def __init__(self):
+        self.path: Optional[str] = None  # "lean" | "full"; None until checked
+        self.path_diff: Optional[float] = None  # lean vs the model's own logits (relative)
+        self.path_reason = "not checked yet"
+        self.sharing: Optional[bool] = None
+        self.sharing_diff: Optional[float] = None  # prefix-shared vs stacked rows (relative)
+        self.sharing_reason = "not checked yet"
+
+
+def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefix_sharing: Optional[bool] = None,
+               packing: bool = False, chunk_size: int = 256) -> PathDecision:
+    """Settle the log-prob path and the layout on a probe batch (a couple of real pairs), without gradients.
+
+    path "auto": lean where its log-probs equal those of the model's own forward (full logits ->
+    float32 log-softmax) within `SELF_CHECK_RTOL`, full otherwise; "lean" raises one line where they do not;
+    "full" skips the check. prefix_sharing None (auto): on where the config allows it and the shared layout
+    gives the stacked rows' log-probs on the probe (a family whose attention ignores a 4D mask or position
+    ids fails here, or raises, and gets stacked rows); True raises one line where it does not; False: off.
+    """
+    if path not in ("auto", "lean", "full"):
+        raise ValueError(f"logps path must be auto, lean or full; got '{path}'")
+    hf_model = _unwrap(_unwrap_for_config(model))
+    config = hf_model.config
+    family = getattr(config, "model_type", type(hf_model).__name__)
+    decision = PathDecision()
+    rtol = _self_check_rtol(hf_model)
+    static_sharing = resolve_prefix_sharing(config, prefix_sharing, packing)  # raises where True cannot run
+    has_pairs = "rejected_input_ids" in probe and probe["rejected_input_ids"].shape[0] > 0
+    was_training = model.training
+    model.eval()  # dropout off: the two paths must see the same function
+    try:
+        with torch.no_grad():
+            full = concatenated_logps(model, probe, naive=True, packing=packing)
+            problem = lean_problem(hf_model)
+            if path == "full":
+                decision.path, decision.path_reason = "full", "forced by the recipe (train.logps_path: full)"
+            elif problem:
+                decision.path, decision.path_reason = "full", problem
+            else:
+                lean = concatenated_logps(model, probe, chunk_size=chunk_size, packing=packing)
+                decision.path_diff = relative_difference(lean, full)
+                ok = _agree_across_processes(decision.path_diff <= rtol, full["chosen_logps"].device)
+                decision.path = "lean" if ok else "full"
+                decision.path_reason = (f"equal to the model's own logits within {rtol:g}" if ok else
+                                        f"differs from the model's own logits by {decision.path_diff:.1e} relative "
+                                        f"(more than {rtol:g})")
+            if path == "lean" and decision.path != "lean":
+                raise ValueError(f"train.logps_path: lean, but for model type '{family}' the lean log-probs "
+                                 f"{decision.path_reason}; set train.logps_path: auto or full")
+            naive = decision.path == "full"
+            if prefix_sharing is False:
+                decision.sharing, decision.sharing_reason = False, "off in the recipe"
+            elif packing:
+                decision.sharing, decision.sharing_reason = False, "padding-free packing instead"
+            elif not static_sharing:
+                decision.sharing, decision.sharing_reason = False, _prefix_sharing_problem(config)
+            elif naive and router_aux_spec(hf_model):
+                decision.sharing, decision.sharing_reason = False, ("the full-logits path of an MoE model "
+                                                                    "computes its router loss on stacked rows")
+            elif not has_pairs:
+                decision.sharing, decision.sharing_reason = static_sharing, "no rejected rows in the probe to check"
+            else:
+                stacked = full if naive else lean
+                try:
+                    shared = concatenated_logps(model, probe, chunk_size=chunk_size, naive=naive, prefix_sharing=True)
+                    decision.sharing_diff = relative_difference(shared, stacked)
+                    ok = decision.sharing_diff <= rtol
+                    reason = (f"the shared layout differs from stacked rows by {decision.sharing_diff:.1e} "
+                              f"relative (the family's attention does not follow the 4D mask or position ids)")
+                except Exception as e:  # e.g. ALiBi built from a 2D mask
+                    ok, reason = False, f"the family's forward refuses a 4D mask ({type(e).__name__}: {str(e)[:120]})"
+                ok = _agree_across_processes(ok, full["chosen_logps"].device)
+                decision.sharing = ok
+                windows = attention_windows(config)
+                sliding = {t: w for t, w in windows.items() if w is not None}
+                decision.sharing_reason = (("exact" + (f", sliding window {', '.join(str(w) for w in sliding.values())} "
+                                                        f"in its own-row positions" if sliding else ""))
+                                           if ok else reason)
+                if prefix_sharing is True and not ok:
+                    raise ValueError(f"train.prefix_sharing: true, but for model type '{family}' {reason}; "
+                                     f"set train.prefix_sharing: null or false")
+    finally:
+        model.train(was_training)
+    return decision
+
+
+def decision_line(decision: PathDecision, hf_model: torch.nn.Module) -> str:
+    """The one start-up line: the path (and, for the full one, what it costs), the layout and why."""
+    config = hf_model.config
+    family = getattr(config, "model_type", type(hf_model).__name__)
+    if decision.path == "lean":
+        head = type(hf_model.get_output_embeddings()).__name__
+        path = (f"log-probs: memory-lean ({type(hf_model.get_decoder()).__name__} -> {head} in chunks; "
+                f"{decision.path_reason}, measured {decision.path_diff:.1e})")
+    else:
+        vocab = getattr(config, "vocab_size", None) or hf_model.get_input_embeddings().num_embeddings
+        cost = _bytes(8 * vocab * 1024)  # float32 logits and their log-softmax, per 1k tokens of the batch
+        path = (f"log-probs: full logits for model type '{family}' ({decision.path_reason}; costs about "
+                f"{cost} per 1k tokens of the batch, vocab {vocab})")
+    sharing = "on" if decision.sharing else "off"
+    return f"{path} | prefix sharing {sharing}: {decision.sharing_reason}"
 
 
 class PreferenceLogpsModel(torch.nn.Module):
@@ -393,39 +637,95 @@ class PreferenceLogpsModel(torch.nn.Module):
     that covers the decoder body and the chunked LM head, so gradient synchronisation (DDP) and parameter
     gathering of the root unit (FSDP) cover the head too. ``.model`` is the wrapped HF model (save and
     merge through it); the options are plain attributes and may be changed between calls.
+
+    ``logps_path`` ("auto", "lean", "full"; ``naive=True`` is "full") and ``prefix_sharing`` (None = auto)
+    are settled by `settle_logps_path` on a probe batch before training, or else on the first batch this
+    module sees (its first two pairs). On an MoE model (``router_aux`` None = auto) the output gains
+    ``aux_loss`` / ``aux_loss_coef`` whenever gradients are on, so a reference forward never computes it.
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = 256, wpo: bool = False,
-                 naive: bool = False, packing: bool = False, prefix_sharing: Optional[bool] = False):
+                 naive: bool = False, packing: bool = False, prefix_sharing: Optional[bool] = False,
+                 logps_path: str = "auto", router_aux: Optional[bool] = None):
         super().__init__()
-        config = _unwrap_for_config(_unwrap(model) if not naive else model).config
+        if logps_path not in ("auto", "lean", "full"):
+            raise ValueError(f"logps_path must be auto, lean or full; got '{logps_path}'")
+        hf_model = _unwrap(_unwrap_for_config(model))
+        config = hf_model.config
         if packing:  # refused at build time, before any compute
             _check_packing(config)
         self.model = model
         self.chunk_size = chunk_size
         self.wpo = wpo
-        self.naive = naive
         self.packing = packing
-        self.prefix_sharing = resolve_prefix_sharing(config, prefix_sharing, packing)
+        self.requested_path = "full" if naive else logps_path
+        self.requested_sharing = prefix_sharing
+        self.prefix_sharing = resolve_prefix_sharing(config, prefix_sharing, packing)  # until the self-check
+        self.router_aux = router_aux_spec(hf_model) is not None if router_aux is None else router_aux
+        self.decision: Optional[PathDecision] = None
+        if self.requested_path == "full" and prefix_sharing is not None:  # nothing left to check
+            self.decision = PathDecision()
+            self.decision.path, self.decision.path_reason = "full", "requested"
+            self.decision.sharing = self.prefix_sharing
+            self.decision.sharing_reason = "requested" if self.prefix_sharing else "off as requested"
+
+    @property
+    def naive(self) -> bool:
+        """Whether the full-logits path runs (settled, or forced)."""
+        return (self.decision.path if self.decision else self.requested_path) == "full"
 
     @property
     def layout(self) -> str:
         """How the decoder sees a batch: "packed", "shared" (prefix sharing) or "concat" (see processed_tokens)."""
         return "packed" if self.packing else "shared" if self.prefix_sharing else "concat"
 
+    @property
+    def layout_reason(self) -> str:
+        """Why prefix sharing is on or off (the self-check's finding, or the config's before it ran)."""
+        if self.decision is not None:
+            return self.decision.sharing_reason
+        return _prefix_sharing_problem(_unwrap(_unwrap_for_config(self.model)).config) or "not checked yet"
+
+    def settle(self, probe: dict) -> PathDecision:
+        """Run the self-check on ``probe`` and adopt its path and layout."""
+        self.decision = self_check(self.model, _probe(probe), path=self.requested_path,
+                                   prefix_sharing=self.requested_sharing, packing=self.packing,
+                                   chunk_size=self.chunk_size)
+        self.prefix_sharing = bool(self.decision.sharing)
+        return self.decision
+
     def forward(self, **batch) -> dict:
         """``module(**batch)`` -> the dict of `concatenated_logps`; keys outside the contract are ignored."""
+        if self.decision is None:
+            self.settle(batch)
         return concatenated_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
-                                  naive=self.naive, packing=self.packing, prefix_sharing=self.prefix_sharing)
+                                  naive=self.naive, packing=self.packing, prefix_sharing=self.prefix_sharing,
+                                  router_aux=self.router_aux and torch.is_grad_enabled())
+
+
+def settle_logps_path(module: PreferenceLogpsModel, probe_batch: dict, requested: str = "auto") -> str:
+    """The start-up self-check for the training loop (call it before accelerator.prepare, on a collated
+    batch of a couple of real training pairs): sets ``module``'s path and layout and returns the one line
+    to print. ``requested`` is ``train.logps_path``; "lean" on a model where the lean log-probs differ from
+    the model's own raises ValueError (one line), as does ``prefix_sharing: true`` where sharing is not exact."""
+    module.requested_path = requested
+    decision = module.settle(probe_batch)
+    return decision_line(decision, _unwrap(_unwrap_for_config(module.model)))
+
+
+_PLAIN_DECISIONS: "weakref.WeakKeyDictionary[torch.nn.Module, PathDecision]" = weakref.WeakKeyDictionary()
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict, average_log_prob: bool = False, **opts):
     """(chosen_logps, rejected_logps), each float32 [B]: the sum over label tokens of log p(token | prefix),
-    or with ``average_log_prob`` the mean per label token. One forward over the stacked [2B, T] rows.
+    or with ``average_log_prob`` the mean per label token. One forward for chosen and rejected together.
 
-    ``model`` is an HF causal LM, a peft model, or a `PreferenceLogpsModel` (possibly wrapped by
-    accelerate/DDP), whose own options then apply; ``opts`` go to `concatenated_logps` (chunk_size, wpo,
-    naive, packing, prefix_sharing). Without ``rejected_*`` keys in the batch, rejected_logps is None.
+    ``model`` is any HF causal LM, a peft model around one, or a `PreferenceLogpsModel` (possibly wrapped
+    by accelerate/DDP), whose own options then apply; ``opts`` go to `concatenated_logps` (chunk_size, wpo,
+    naive, packing, prefix_sharing). The path is chosen as the training module chooses it: without
+    ``naive``, the self-check runs on this batch's first pairs the first time a model is seen (remembered
+    per model) and picks lean or full logits; ``prefix_sharing=None`` is checked the same way. Without
+    ``rejected_*`` keys in the batch, rejected_logps is None.
     """
     inner = getattr(model, "module", model)
     if isinstance(inner, PreferenceLogpsModel):
@@ -433,6 +733,15 @@ def concatenated_forward(model: torch.nn.Module, batch: dict, average_log_prob: 
             raise TypeError(f"options {sorted(opts)} are set on the PreferenceLogpsModel, not per call")
         out = model(**batch)
     else:
+        auto_sharing = opts.get("prefix_sharing", False) is None
+        if "naive" not in opts or auto_sharing:
+            key = _unwrap(_unwrap_for_config(model))
+            decision = _PLAIN_DECISIONS.get(key)
+            if decision is None:  # both questions at once, answered for this model once
+                decision = _PLAIN_DECISIONS[key] = self_check(model, _probe(batch))
+            opts.setdefault("naive", decision.path == "full")
+            if auto_sharing:
+                opts["prefix_sharing"] = bool(decision.sharing) and not opts.get("packing", False)
         out = concatenated_logps(model, batch, **opts)
     chosen, rejected = out["chosen_logps"], out.get("rejected_logps")
     if average_log_prob:

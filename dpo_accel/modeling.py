@@ -11,12 +11,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
+from dpo_accel.files import atomic_write
 from dpo_accel.recipe import LoraConfig, ModelConfig, RecipeError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -69,9 +68,7 @@ def convert_gguf(folder: str, filename: str) -> str:
     target = os.path.join(cache_root(), "gguf", f"{os.path.splitext(filename)[0]}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
-    try:
+    with atomic_write(target, unique=True, replace=False) as tmp:  # a process that finished first wins
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
         # A GGUF-loaded model keeps a quantization_config and refuses to save or train; after
@@ -83,13 +80,6 @@ def convert_gguf(folder: str, filename: str) -> str:
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "dpo_accel_source.json"), "w") as f:
             json.dump({"gguf": os.path.abspath(path)}, f)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first
-            if not os.path.isfile(os.path.join(target, "config.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -118,10 +108,18 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero the base model's dropout so policy and reference log-probs are deterministic (as TRL does);
-    LoRA's own dropout is kept because the recipe sets it explicitly."""
+    LoRA's own dropout is kept because the recipe sets it explicitly. Families that call functional dropout
+    with a rate kept on the layer (OPT ``self.dropout = config.dropout``, GPT-BigCode ``attn_dropout``) or
+    skip layers at random (OPT ``layerdrop``) get those float attributes zeroed too."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for attr, value in list(vars(module).items()):
+            if (isinstance(value, float) and not isinstance(value, bool)
+                    and ("dropout" in attr or attr.endswith("pdrop") or attr == "layerdrop")):
+                setattr(module, attr, 0.0)
 
 
 def load_causal_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None) -> torch.nn.Module:

@@ -1,0 +1,221 @@
+"""Any decoder-only causal LM trains exactly: tiny random models of many transformers families, each with
+LoRA on, against separate unpadded forwards of every sequence.
+
+Every family is built from its own config (hidden 64, 2 layers, vocab 320, dropout 0, float32), wrapped
+with a LoRA adapter whose B matrices are random (so the adapter changes the outputs), and given pairs that
+share a prompt, answers of unequal length and right padding; sliding windows (4 tokens) are shorter than
+every sequence. The reference is each sequence run alone, unpadded, through the model's own forward.
+The results table of the README comes from these checks: ``python scripts/families_table.py``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpo_accel.logps import (PreferenceLogpsModel, concatenated_forward, relative_difference,
+                             settle_logps_path)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 320
+EOS = 2
+WINDOW = 4  # sliding window of the windowed families: shorter than every prompt and answer below
+RTOL = 1e-5  # float32, relative, as the issue asks
+
+# name: (model_type, config fields beyond the shared tiny shape, attention implementation)
+FAMILIES = {
+    "Llama": ("llama", {}, "sdpa"),
+    "Mistral (window 4)": ("mistral", {"sliding_window": WINDOW}, "sdpa"),
+    "Qwen2 (window 4 on layer 2)": ("qwen2", {"use_sliding_window": True, "sliding_window": WINDOW,
+                                             "max_window_layers": 1}, "sdpa"),
+    "Qwen3": ("qwen3", {}, "sdpa"),
+    "Phi-3 (window 4)": ("phi3", {"sliding_window": WINDOW}, "sdpa"),
+    "Gemma": ("gemma", {}, "sdpa"),
+    "Gemma 2 (window 4, soft-capping)": ("gemma2", {"sliding_window": WINDOW, "final_logit_softcapping": 5.0,
+                                                   "attn_logit_softcapping": 20.0}, "eager"),
+    "Gemma 3 (window 4)": ("gemma3_text", {"sliding_window": WINDOW, "sliding_window_pattern": 2,
+                                           "final_logit_softcapping": 5.0}, "sdpa"),
+    "Cohere 2 (window 4, logit scale)": ("cohere2", {"sliding_window": WINDOW, "logit_scale": 0.5}, "sdpa"),
+    "StarCoder2 (window 4)": ("starcoder2", {"sliding_window": WINDOW}, "sdpa"),
+    "OLMo": ("olmo", {}, "sdpa"),
+    "OLMo2": ("olmo2", {}, "sdpa"),
+    "Granite (logits scaling)": ("granite", {"logits_scaling": 4.0}, "sdpa"),
+    "Cohere (logit scale)": ("cohere", {"logit_scale": 0.5}, "sdpa"),
+    "SmolLM3": ("smollm3", {}, "sdpa"),
+    "GLM": ("glm", {}, "sdpa"),
+    "GPT-NeoX (partial rotary)": ("gpt_neox", {"rotary_pct": 0.25}, "sdpa"),
+    "Phi (partial rotary, head bias)": ("phi", {"partial_rotary_factor": 0.5}, "sdpa"),
+    "StableLM (partial rotary)": ("stablelm", {"partial_rotary_factor": 0.25}, "sdpa"),
+    "Persimmon": ("persimmon", {}, "eager"),
+    "GPT-2 (learned positions)": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}, "sdpa"),
+    "GPT-BigCode": ("gpt_bigcode", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}, "sdpa"),
+    "OPT (learned positions)": ("opt", {"ffn_dim": 96, "word_embed_proj_dim": 64}, "sdpa"),
+    "GPT-J (head bias)": ("gptj", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 128},
+                          "eager"),
+    "CodeGen": ("codegen", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 128,
+                            "n_ctx": 128}, "eager"),
+    "Falcon": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "head_dim": None}, "sdpa"),
+    "Bloom (ALiBi)": ("bloom", {"n_layer": 2, "n_head": 4}, "eager"),
+    "Mixtral (MoE)": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, "sdpa"),
+    "Qwen2-MoE (MoE)": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                      "shared_expert_intermediate_size": 32}, "sdpa"),
+    "Qwen3-MoE (MoE)": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+                        "sdpa"),
+    "OLMoE (MoE)": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}, "sdpa"),
+}
+MOE = ("Mixtral (MoE)", "Qwen2-MoE (MoE)", "Qwen3-MoE (MoE)", "OLMoE (MoE)")
+
+
+def build(name: str, lora: bool = True, seed: int = 0) -> torch.nn.Module:
+    """The family's tiny causal LM (float32, dropout 0), with a LoRA adapter on all linear layers whose
+    up-projections are random (peft's init_lora_weights=False) so the adapter is not a no-op."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_accel.modeling import disable_dropout
+
+    model_type, extra, attn = FAMILIES[name]
+    shape = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=96, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=EOS, tie_word_embeddings=False)
+    fields = {k: v for k, v in {**shape, **extra}.items() if v is not None}  # None: a field the family derives
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    disable_dropout(model)
+    with torch.no_grad():  # sharper logits than the 0.02-std init, so a wrong context shows in the log-probs
+        model.get_output_embeddings().weight.normal_(0, 0.3)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 lora_dropout=0.0, init_lora_weights=False))
+    return model
+
+
+def family_batch(seed: int = 7) -> dict:
+    """Right-padded pairs: four share a prompt (one also shares the start of its answers), one chosen
+    answer is a prefix of its rejected one, one pair shares nothing; answers of unequal lengths; each
+    side padded with its own pad id; the longest sequence (22 tokens) is 5 windows long."""
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    pairs = []
+    for prompt_len, c_len, r_len, common in ((9, 5, 3, 0), (6, 4, 9, 2), (11, 2, 6, 0), (5, 7, 4, 3)):
+        prompt, start = toks(prompt_len), toks(common)
+        pairs.append((prompt, start + toks(c_len - common) + [EOS], start + toks(r_len - common) + [EOS]))
+    prompt, answer = toks(8), toks(3)
+    pairs.append((prompt, answer, answer + toks(4) + [EOS]))
+    pairs.append((toks(5), toks(6) + [EOS], None))
+    out = {}
+    for side, pad in (("chosen", 0), ("rejected", 5)):
+        seqs = []
+        for p, c, r in pairs:
+            seqs.append((p, c) if side == "chosen" else (p, r) if r is not None else (toks(7), toks(3) + [EOS]))
+        T = max(len(p) + len(a) for p, a in seqs) + 2
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for b, (p, a) in enumerate(seqs):
+            row = torch.tensor(p + a)
+            ids[b, :len(row)], mask[b, :len(row)] = row, 1
+            labels[b, len(p):len(row)] = row[len(p):]
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    return out
+
+
+@torch.no_grad()
+def separate_forwards(model, batch) -> dict:
+    """Each sequence alone, unpadded, through the model's own forward -> float32 log-softmax -> the
+    summed log-probs of its label tokens: the independent reference."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        sums = []
+        for ids, mask, labels in zip(*(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))):
+            n = int(mask.sum())
+            logits = model(input_ids=ids[None, :n]).logits.float()
+            logp = torch.log_softmax(logits[0, :-1], dim=-1)
+            target = labels[1:n]
+            keep = target != -100
+            sums.append(logp[keep].gather(-1, target[keep].unsqueeze(-1)).sum())
+        out[f"{side}_logps"] = torch.stack(sums)
+    return out
+
+
+def check_family(name: str) -> dict:
+    """Every public way to get the log-probs of `family_batch` under the family's LoRA model, against the
+    separate forwards. Returns the README row's facts: path, layout, reasons, largest relative difference."""
+    model = build(name)
+    batch = family_batch()
+    reference = separate_forwards(model.eval(), batch)
+    diffs = {}
+    with torch.no_grad():
+        diffs["concatenated_forward"] = concatenated_forward(model, batch)
+        diffs["concatenated_forward shared"] = concatenated_forward(model, batch, prefix_sharing=None)
+    module = PreferenceLogpsModel(model, chunk_size=5, prefix_sharing=None)
+    line = settle_logps_path(module, batch)
+    model.train()
+    shared = module(**batch)  # the training call: gradients on, the settled layout
+    module.prefix_sharing = False
+    stacked = module(**batch)
+    diffs["PreferenceLogpsModel"] = shared
+    diffs["PreferenceLogpsModel stacked"] = stacked
+    (shared["chosen_logps"].sum() - stacked["rejected_logps"].sum()).backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    worst = 0.0
+    for where, got in diffs.items():
+        if isinstance(got, tuple):
+            got = {"chosen_logps": got[0], "rejected_logps": got[1]}
+        d = relative_difference({k: v.detach() for k, v in got.items()}, reference)
+        assert d <= RTOL, f"{name}: {where} differs from separate forwards by {d:.2e} relative"
+        worst = max(worst, d)
+    assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
+    assert any(float(g.abs().max()) > 0 for g in lora_grads)
+    decision = module.decision
+    return {"family": name, "model_type": FAMILIES[name][0], "attention": FAMILIES[name][2],
+            "path": decision.path, "path_reason": decision.path_reason, "sharing": bool(decision.sharing),
+            "sharing_reason": decision.sharing_reason, "max_rel_diff": worst, "line": line}
+
+
+def _bound(x: float) -> str:
+    """A measured difference as the power of ten above it (stable across runs, unlike its digits)."""
+    return "0" if x == 0 else f"< 1e{math.floor(math.log10(x)) + 1}"
+
+
+def families_table(results: list[dict]) -> str:
+    """The README's families table (markdown) from `check_family` results."""
+    lines = ["| family (`model_type`, attention) | log-probs path | prefix sharing | why | max relative "
+             "difference vs separate forwards |", "| --- | --- | --- | --- | ---: |"]
+    for r in results:
+        why = r["sharing_reason"]
+        if r["path"] != "lean":
+            why = f"full logits: {r['path_reason']}; {why}"
+        lines.append(f"| {r['family']} (`{r['model_type']}`, {r['attention']}) | {r['path']} | "
+                     f"{'on' if r['sharing'] else 'off'} | {why} | {_bound(r['max_rel_diff'])} |")
+    return "\n".join(lines) + "\n"
+
+
+_RESULTS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_equals_separate_forwards(name):
+    result = check_family(name)
+    _RESULTS[name] = result
+    if FAMILIES[name][0] != "bloom":  # every family here takes a 4D mask and positions, except ALiBi Bloom
+        assert result["path"] == "lean" and result["sharing"], result["line"]
+    else:
+        assert not result["sharing"] and "4D mask" in result["sharing_reason"], result["line"]
+
+
+def test_readme_families_table_is_the_checks_output():
+    """The README table is what scripts/families_table.py renders from these checks (families this
+    session did not check yet are checked here)."""
+    results = [_RESULTS.get(name) or check_family(name) for name in FAMILIES]
+    table = families_table(results)
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        assert table.strip() in f.read(), ("README.md lacks the current families table; paste the output of: "
+                                          "python scripts/families_table.py")
