@@ -13,6 +13,8 @@ import os
 import shutil
 from typing import Optional
 
+from dpo_accel.console import log
+from dpo_accel.files import atomic_write, publish, remove, temp_path
 from dpo_accel.recipe import Recipe, dump_recipe
 
 STATE_FILE = "trainer_state.json"
@@ -45,9 +47,9 @@ def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, t
     step = int(state["global_step"])
     root = checkpoint_dir(output_dir)
     final = os.path.join(root, f"checkpoint-{step:07d}")
-    tmp = os.path.join(root, f".tmp-checkpoint-{step:07d}")
+    tmp = temp_path(final)  # one name on every process: all of them write into it
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
@@ -56,8 +58,7 @@ def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, t
         dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:  # written last: marks the folder complete
             json.dump(state, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish(tmp, final)
         for _, old in list_checkpoints(output_dir)[:-max(total_limit, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -96,8 +97,8 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
     if hasattr(unwrapped, "peft_config"):
         start = adapter_start_model(recipe)
         if start is None:
-            print("[dpo_accel] adapter/ not written: the adapter applies to the base with lora.init_adapter merged "
-                  "in, which no folder holds (no model/ next to the init adapter); model/ is the result")
+            log("adapter/ not written: the adapter applies to the base with lora.init_adapter merged "
+                "in, which no folder holds (no model/ next to the init adapter); model/ is the result")
         else:
             targets.append(("adapter", lambda d: _save_adapter(unwrapped, state_dict, d, start)))
         if merge:
@@ -106,13 +107,10 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
         targets.append(("model", lambda d: unwrapped.save_pretrained(d, state_dict=state_dict)))
     for kind, save in targets:
         final = os.path.join(output_dir, kind)
-        tmp = os.path.join(output_dir, f".tmp-{kind}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        tokenizer.save_pretrained(tmp)
-        dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_write(final) as tmp:
+            save(tmp)
+            tokenizer.save_pretrained(tmp)
+            dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
         written[kind] = final
     accelerator.wait_for_everyone()
     return written

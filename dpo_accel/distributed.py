@@ -26,9 +26,8 @@ from typing import Optional
 
 import torch
 
+from dpo_accel.console import log
 from dpo_accel.recipe import RecipeError
-
-LOG_PREFIX = "[dpo_accel]"
 
 
 def backend_name(accelerator) -> str:
@@ -49,6 +48,15 @@ def backend_name(accelerator) -> str:
 
 def zero_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def check_launch(accelerator, processes: int) -> None:
+    """The launch checks that need the Accelerator: the backend the launch config asked for, and the
+    process count the plan was made for (``plan.Geometry.processes``)."""
+    check_backend(accelerator)
+    if accelerator.num_processes != processes:
+        raise RecipeError(f"Accelerate runs {accelerator.num_processes} process(es) but the launcher's WORLD_SIZE "
+                          f"says {processes}; launch with accelerate launch or torchrun, which set both")
 
 
 def check_backend(accelerator) -> None:
@@ -89,10 +97,9 @@ def place_reference(accelerator, module: torch.nn.Module) -> torch.nn.Module:
         placed = deepspeed_reference(module, accelerator)
     else:  # single, DDP, FSDP1, ZeRO-0/1/2: a replica; ZeRO-1/2 keep full weights on every device anyway
         placed = module.to(device=accelerator.device, dtype=_deepspeed_dtype(accelerator))
-    if accelerator.is_main_process:
-        local, total = local_parameter_count(placed)
-        print(f"{LOG_PREFIX} reference placement: {describe(backend)} on each of {accelerator.num_processes} "
-              f"process(es), {local / 1e6:.2f}M of {total / 1e6:.2f}M parameters on process 0")
+    local, total = local_parameter_count(placed)
+    log(f"reference placement: {describe(backend)} on each of {accelerator.num_processes} "
+        f"process(es), {local / 1e6:.2f}M of {total / 1e6:.2f}M parameters on process 0")
     return placed
 
 

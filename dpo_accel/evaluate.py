@@ -1,21 +1,25 @@
 """Held-out evaluation: preference metrics (accuracy, margins) and sampled generations.
 
-Launch: evaluation runs inside ``dpo_accel/train.py`` every ``train.eval_steps`` and at the end.
+Launch: evaluation runs inside ``dpo_accel/train.py`` every ``train.eval_steps`` and at the end; every
+process calls both functions (the metrics are gathered; a sharded policy is gathered for generation).
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Optional
 
 import torch
 
+from dpo_accel.console import log
 from dpo_accel.losses import compute_objective
 from dpo_accel.metrics import MetricAccumulator, example_metrics
 
 
 @torch.no_grad()
 def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dict[str, float]:
-    """Mean per-example metrics over the whole held-out split (all processes), keys prefixed 'eval/'."""
+    """Mean per-example metrics over the whole held-out split (all processes), keys prefixed 'eval/'.
+    ``loss_cfg``: the run's ``losses.LossPlan`` (or a LossConfig)."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(accelerator, accelerator.unwrap_model(model).layout)
@@ -25,7 +29,35 @@ def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dic
         out = compute_objective(loss_cfg, policy, ref)
         acc.add(example_metrics(out, policy), batch)
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in acc.means().items()}
+    return {f"eval/{k}": v for k, v in acc.collect().means.items()}
+
+
+def generation_report(accelerator, model, tokenizer, prompts: list, max_new_tokens: int,
+                      behaviour: Optional[str]) -> dict:
+    """Greedy answers of the prepared policy to held-out `prompts` and their behaviour scores, on the main
+    process ({} on the others). Every process must call it: a policy sharded by FSDP2 or ZeRO-3 is first
+    gathered into one plain copy on the main process (`distributed.gathered_copy`, as the export does),
+    since a sharded forward needs every process and generation runs a different number of forwards per
+    prompt batch. A replica (single process, DDP, ZeRO-1/2) generates as it is."""
+    from dpo_accel.distributed import gathered_copy, is_sharded
+
+    if not prompts:
+        return {}
+    hf_model = accelerator.unwrap_model(model).model
+    if is_sharded(hf_model):
+        state = {k[len("model."):]: v for k, v in (accelerator.get_state_dict(model) or {}).items()
+                 if k.startswith("model.")}  # a collective; ZeRO-3 returns it on the main process only
+        hf_model = gathered_copy(hf_model, state).to(accelerator.device) if accelerator.is_main_process else None
+    report = {}
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast)
+        seconds = time.perf_counter() - start
+        log(f"generated {len(prompts)} held-out answers in {seconds:.1f} s")
+        report = {"scores": behaviour_scores(behaviour, prompts, answers), "seconds": seconds,
+                  "samples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]}
+    accelerator.wait_for_everyone()
+    return report
 
 
 @torch.no_grad()

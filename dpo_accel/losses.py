@@ -26,7 +26,6 @@ them; the few deliberate differences are stated in the objective's docstring.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 from dataclasses import dataclass, field
@@ -36,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_accel.recipe import LossConfig
+from dpo_accel.recipe import LossConfig, did_you_mean
 
 __all__ = [
-    "LOSSES", "F_DIVERGENCES", "LossSpec", "LossOutput", "Pair", "compute_objective", "loss_table_markdown",
-    "needs_reference", "needs_rejected", "preference_loss", "uses_wpo", "validate_loss_config",
+    "LOSSES", "F_DIVERGENCES", "LossPlan", "LossSpec", "LossOutput", "Pair", "compute_objective",
+    "loss_table_markdown", "needs_reference", "needs_rejected", "plan_loss", "preference_loss", "uses_wpo",
+    "validate_loss_config",
 ]
 
 Terms = tuple[Tensor, dict]  # (per-example losses [B], extra per-example metrics {name: [B]})
@@ -425,8 +425,7 @@ _KNOWN_AS = {
 
 
 def _closest(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else "; choose one of: " + ", ".join(choices)
+    return did_you_mean(word, choices, cutoff=0.6, list_choices=True)
 
 
 def _plan(cfg: Any) -> list[tuple[LossSpec, float]]:
@@ -473,11 +472,11 @@ def _plan(cfg: Any) -> list[tuple[LossSpec, float]]:
     return [(LOSSES[n], float(w)) for n, w in zip(names, weights)]
 
 
-def validate_loss_config(cfg: Any) -> None:
+def validate_loss_config(cfg: Any) -> list[tuple[LossSpec, float]]:
     """Start-up check of a LossConfig: everything ``compute_objective`` needs, plus settings that would be
     silently ignored (a non-default hyperparameter no chosen objective reads, an f-divergence on an objective
     it is not defined for). Raises ValueError with one line, e.g.
-    "unknown loss_type 'sigmod'; did you mean 'sigmoid'?"."""
+    "unknown loss_type 'sigmod'; did you mean 'sigmoid'?". Returns the (objective, weight) terms."""
     plan = _plan(cfg)
     specs = [s for s, _ in plan]
     chosen = ", ".join(s.name for s in specs)
@@ -498,12 +497,39 @@ def validate_loss_config(cfg: Any) -> None:
                              f"margin-based objectives: {ok}); use reverse_kl with it")
     if fdiv != "alpha_divergence" and _get(cfg, "f_alpha_divergence_coef") != _DEFAULTS["f_alpha_divergence_coef"]:
         raise ValueError("loss.f_alpha_divergence_coef only acts with loss.f_divergence_type: alpha_divergence")
+    return plan
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """A LossConfig resolved once at start-up (`plan_loss`): its weighted objectives and what they read.
+    Every function below that takes a config also takes a LossPlan, and then derives nothing again."""
+
+    config: Any
+    terms: tuple[tuple[LossSpec, float], ...]
+    needs_reference: bool
+    needs_rejected: bool
+    wpo: bool
+
+
+def plan_loss(cfg: Any) -> LossPlan:
+    """`validate_loss_config` and the resolution in one call (a LossPlan is returned as it is)."""
+    if isinstance(cfg, LossPlan):
+        return cfg
+    terms = tuple(validate_loss_config(cfg))
+    wpo = bool(_get(cfg, "use_weighting"))
+    return LossPlan(cfg, terms, _needs_reference(cfg, terms), wpo or any(s.needs_rejected for s, _ in terms), wpo)
+
+
+def _resolved(cfg: Any) -> tuple[Any, tuple[tuple[LossSpec, float], ...]]:
+    """(config, terms): a LossPlan's own, or a bare config's derived on the spot (tests, the seed API)."""
+    return (cfg.config, cfg.terms) if isinstance(cfg, LossPlan) else (cfg, tuple(_plan(cfg)))
 
 
 def needs_reference(cfg: Any) -> bool:
     """True when some objective of ``cfg`` reads reference log-probs (and ``reference_free`` is off):
     the loop loads/runs a reference model exactly then."""
-    return _needs_reference(cfg, _plan(cfg))
+    return cfg.needs_reference if isinstance(cfg, LossPlan) else _needs_reference(*_resolved(cfg))
 
 
 def _needs_reference(cfg: Any, plan: list[tuple[LossSpec, float]]) -> bool:
@@ -514,13 +540,15 @@ def needs_rejected(cfg: Any) -> bool:
     """True when the loss reads the rejected answers' log-probs: some objective compares chosen with
     rejected, or WPO weights the pair by both. False for ``sft`` alone, so the loop skips the rejected
     half of the forward when it trains sft on preference data (prompt -> chosen)."""
+    if isinstance(cfg, LossPlan):
+        return cfg.needs_rejected
     return uses_wpo(cfg) or any(spec.needs_rejected for spec, _ in _plan(cfg))
 
 
 def uses_wpo(cfg: Any) -> bool:
     """True when the loss weights pairs by WPO: the log-prob module must then also return
     ``chosen_wpo_logps``/``rejected_wpo_logps``."""
-    return bool(_get(cfg, "use_weighting"))
+    return cfg.wpo if isinstance(cfg, LossPlan) else bool(_get(cfg, "use_weighting"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +616,8 @@ def _tensor(d: Mapping[str, Tensor], key: str, who: str, why: str) -> Tensor:
 def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optional[Mapping[str, Tensor]]) -> LossOutput:
     """The loss of one micro-batch for the training loop.
 
-    cfg: a LossConfig (any object with its attributes; missing ones take the schema defaults).
+    cfg: a LossPlan (`plan_loss`, what the loop passes), or a LossConfig (any object with its attributes;
+        missing ones take the schema defaults), resolved on each call.
     policy: [B] tensors from the log-prob module: ``chosen_logps``/``rejected_logps`` (sums over label
         tokens, float32), ``chosen_tokens``/``rejected_tokens`` (label-token counts), and with
         ``use_weighting`` ``chosen_wpo_logps``/``rejected_wpo_logps`` (per-token means of
@@ -600,7 +629,7 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
     Per example: L = Σ_i w_i L_i  (+ rpo_alpha · NLL(chosen)), times the WPO pair weight
     clamp(exp(ω_w + ω_l), max=1) (detached) when ``use_weighting``; the order TRL 0.x uses.
     """
-    plan = _plan(cfg)
+    cfg, plan = _resolved(cfg)
     with_reference = _needs_reference(cfg, plan)
     c = _tensor(policy, "chosen_logps", "policy", "summed log-probs of the chosen answers")
     has_rejected = "rejected_logps" in policy

@@ -2,7 +2,8 @@
 
 Every strategy answers ``logps(batch, split) -> dict | None`` with the same keys as the policy's
 log-prob module (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), computed without
-gradients. The training loop never asks which strategy it holds.
+gradients. `build_reference` is the one factory (devices, sharding, the precomputed pre-pass); the
+training loop never asks which strategy it holds.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpo_accel.console import log
+from dpo_accel.files import atomic_write
 from dpo_accel.recipe import Recipe, RecipeError
 
 REF_KEYS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
@@ -122,10 +125,8 @@ def precompute_logps(accelerator, reference, dataset, collator, batch_size: int,
             for k in REF_KEYS:
                 table[k][idx] = gathered[k].float().cpu()
         if accelerator.is_main_process:
-            os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
-            tmp = f"{cache_file}.tmp-{os.getpid()}"
-            save_file(table, tmp, metadata={"split": split, "rows": str(n)})
-            os.replace(tmp, cache_file)
+            with atomic_write(cache_file, unique=True) as tmp:
+                save_file(table, tmp, metadata={"split": split, "rows": str(n)})
         accelerator.wait_for_everyone()
     return load_file(cache_file)
 
@@ -144,9 +145,8 @@ def build_precomputed(accelerator, recipe: Recipe, source, source_model: torch.n
     for split, dataset in splits.items():
         key = cache_key(weights_fp, dataset._fingerprint, {"split": split, **settings})
         path = os.path.join(default_cache_dir(recipe), f"ref-{split}-{key}.safetensors")
-        if accelerator.is_main_process:
-            hit = "cached" if os.path.isfile(path) else "computing"
-            print(f"[dpo_accel] reference log-probs for {split} ({len(dataset)} pairs): {hit} {path}")
+        hit = "cached" if os.path.isfile(path) else "computing"
+        log(f"reference log-probs for {split} ({len(dataset)} pairs): {hit} {path}")
         tables[split] = precompute_logps(accelerator, source, dataset, collator,
                                          recipe.train.per_device_eval_batch_size, path, split)
     return PrecomputedReference(tables)
@@ -159,3 +159,40 @@ def reference_summary(mode: str, model: Optional[torch.nn.Module]) -> str:
         return f"frozen copy ({count_parameters(model)[1] / 1e6:.1f}M params)"
     return {"none": "none (reference-free objective)", "adapter_off": "LoRA base (adapters disabled)",
             "precomputed": "precomputed log-probs (no reference model in memory)"}.get(mode, mode)
+
+
+def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, model_path: str, tokenized,
+                    collator) -> tuple[object, Optional[torch.nn.Module]]:
+    """The reference strategy for `mode` (see `resolve_mode`) and, for a frozen copy, the copy's HF model
+    (for the start-up line). A copy is placed as the policy's backend needs (`distributed.place_reference`);
+    a precomputed reference runs its pre-pass here, before training, with the policy in eval mode."""
+    from dpo_accel.distributed import place_reference, reference_load_device
+    from dpo_accel.logps import PreferenceLogpsModel
+    from dpo_accel.modeling import load_frozen_copy, resolve_model_path
+
+    r, t = recipe.reference, recipe.train
+    if mode == "none":
+        return NoReference(), None
+    if mode == "adapter_off" or (mode == "precomputed" and recipe.lora.use_peft and not r.ref_model_name_or_path):
+        source = AdapterOffReference(accelerator.unwrap_model(prepared_model))
+        source_model = source.module.model
+    else:
+        path = resolve_model_path(r.ref_model_name_or_path) if r.ref_model_name_or_path else model_path
+        placed = mode == "copy"  # a precomputed pre-pass keeps a replica: its cache key hashes the full weights
+        device = reference_load_device(accelerator) if placed else accelerator.device
+        init = None if r.ref_model_name_or_path else recipe.lora.init_adapter  # the reference = the policy's start
+        copy = load_frozen_copy(path, recipe.model, r.dtype, device, init_adapter=init)
+        module = PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size, packing=t.padding_free,
+                                      prefix_sharing=t.prefix_sharing)
+        source = CopyReference(place_reference(accelerator, module) if placed else module, accelerator.autocast)
+        source_model = copy
+    if mode != "precomputed":
+        return source, (source_model if mode == "copy" else None)
+    splits = {name: tokenized[name] for name in ("train", "eval") if name in tokenized}
+    settings = {"mixed_precision": accelerator.mixed_precision, "dtype": r.dtype or recipe.model.dtype,
+                "max_length": recipe.data.max_length, "max_prompt_length": recipe.data.max_prompt_length}
+    was_training = prepared_model.training
+    prepared_model.eval()
+    precomputed = build_precomputed(accelerator, recipe, source, source_model, splits, collator, settings)
+    prepared_model.train(was_training)
+    return precomputed, None  # the copy, if one was loaded, is released here

@@ -6,8 +6,8 @@ Each option is a recipe key (see recipe.py) and is checked before any compute is
     check_speed_options(recipe)          # one-line RecipeError for an option this machine cannot run
     bnb_4bit_config(recipe.model)        # the BitsAndBytesConfig that modeling.load_causal_lm passes on
     apply_speed_options(accelerator, recipe, logps_model, train_dataset, pad_token_id, with_reference)
-                                         # compile the decoder, then search the micro-batch (train.py calls it
-                                         # once, before the loaders are built)
+                                         # compile the decoder, then search the micro-batch; returns it (train.py
+                                         # settles it into the plan before recipe.yaml is written)
 
 The options that need no code of their own live elsewhere: ``model.gradient_checkpointing``
 (non-reentrant, set in modeling.load_policy; it works through the lean log-prob path, which calls the
@@ -23,9 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from dpo_accel.console import log
 from dpo_accel.recipe import ModelConfig, Recipe, RecipeError
-
-LOG_PREFIX = "[dpo_accel]"
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -84,18 +83,6 @@ def bnb_4bit_config(cfg: ModelConfig):
 
 # ------------------------------------------------------------------------------------ torch.compile
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF causal LM inside a PreferenceLogpsModel and/or a peft model."""
-    model = getattr(model, "module", model)  # DDP
-    from dpo_accel.logps import PreferenceLogpsModel
-
-    if isinstance(model, PreferenceLogpsModel):
-        model = model.model
-    if hasattr(model, "get_base_model") and hasattr(model, "active_peft_config"):
-        model = model.get_base_model()
-    return model
-
-
 def compile_decoder(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.Module:
     """torch.compile the decoder body in place and return it.
 
@@ -104,7 +91,10 @@ def compile_decoder(model: torch.nn.Module, backend: Optional[str] = None) -> to
     the module and its parameter names (no ``_orig_mod.`` prefix in checkpoints). Shapes are dynamic
     from the start, since every batch has its own length (and a packed one its own total).
     """
-    decoder = _hf_model(model).get_decoder()
+    from dpo_accel.logps import PreferenceLogpsModel, _unwrap
+
+    model = getattr(model, "module", model)  # DDP
+    decoder = _unwrap(model.model if isinstance(model, PreferenceLogpsModel) else model).get_decoder()
     decoder.compile(backend=backend or "inductor", dynamic=True)
     return decoder
 
@@ -211,23 +201,21 @@ def probe_micro_batch(accelerator, logps_model: torch.nn.Module, dataset, pad_to
 # ---------------------------------------------------------------------------------------- training
 
 def apply_speed_options(accelerator, recipe: Recipe, logps_model: torch.nn.Module, train_dataset,
-                        pad_token_id: int, with_reference: bool = True) -> None:
+                        pad_token_id: int, with_reference: bool = True, search: Optional[bool] = None) -> Optional[int]:
     """What train.py runs between building the PreferenceLogpsModel and building the loaders.
 
     ``train.torch_compile``: compile the decoder (the first steps then include compilation time).
-    ``train.auto_find_batch_size``: replace ``per_device_train_batch_size`` / ``gradient_accumulation_steps``
-    (in ``recipe.train`` and on the accelerator) by the largest micro-batch that fits and the accumulation
-    that keeps their product, the pairs per process per optimizer step.
+    ``train.auto_find_batch_size`` (or `search`; a resumed run keeps its checkpoint's micro-batch): return
+    the largest micro-batch that fits; the accumulation that keeps their product, the pairs per process
+    per optimizer step, is the caller's (``plan.Plan.settled``). None when there is no search.
     """
     t = recipe.train
     if t.torch_compile:
         compile_decoder(logps_model, t.torch_compile_backend)
-    if not t.auto_find_batch_size:
-        return
+    if not (t.auto_find_batch_size if search is None else search):
+        return None
     total = t.per_device_train_batch_size * t.gradient_accumulation_steps
     micro = probe_micro_batch(accelerator, logps_model, train_dataset, pad_token_id, total, with_reference)
-    t.per_device_train_batch_size, t.gradient_accumulation_steps = micro, total // micro
-    accelerator.gradient_accumulation_steps = total // micro
-    if accelerator.is_main_process:
-        print(f"{LOG_PREFIX} auto_find_batch_size: micro-batch {micro} pairs x {total // micro} accumulation "
-              f"steps = {total} pairs per process per optimizer step")
+    log(f"auto_find_batch_size: micro-batch {micro} pairs x {total // micro} accumulation "
+        f"steps = {total} pairs per process per optimizer step")
+    return micro

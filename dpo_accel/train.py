@@ -5,7 +5,9 @@
     # any key can be overridden:   --set train.max_steps=20 --set loss.beta=0.2
     # continue an interrupted run: --resume   (latest checkpoint in train.output_dir)
 
-Phases: recipe -> accelerator -> data -> models and reference -> optimizer -> loop -> export.
+The run reads top-down: `preflight` (plan.py: every check, the resolved plan) -> `setup` (accelerator, data,
+policy, loaders, optimizer, reference, resume) -> `train_loop` (each `micro_step`: forward, objective,
+backward, clip, step) -> `finish` (held-out eval, generations, export, summary).
 """
 from __future__ import annotations
 
@@ -15,15 +17,25 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file by `accelerate launch dpo_accel/train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from tqdm.auto import tqdm
+
+from dpo_accel.checkpoint import export_model, load_checkpoint, save_checkpoint
+from dpo_accel.console import log
+from dpo_accel.evaluate import evaluate_preferences, generation_report
+from dpo_accel.losses import compute_objective
+from dpo_accel.metrics import MetricAccumulator, example_metrics
+from dpo_accel.plan import Plan, check_output_dir, preflight
 from dpo_accel.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_to_dict
 
-LOG_PREFIX = "[dpo_accel]"
+__all__ = ["check_output_dir", "execute", "main", "preflight", "run"]  # check_output_dir: the plan's, kept here
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,19 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_output_dir(recipe: Recipe, resume: bool) -> None:
-    """Refuse to mix two runs in one folder, before any compute is spent."""
-    from dpo_accel.checkpoint import latest_checkpoint
-
-    out = recipe.train.output_dir
-    if resume:
-        if latest_checkpoint(out) is None:
-            raise RecipeError(f"--resume: no complete checkpoint in '{out}/checkpoints'; drop --resume to start fresh")
-    elif os.path.isfile(os.path.join(out, "metrics.jsonl")) or os.path.isdir(os.path.join(out, "checkpoints")):
-        raise RecipeError(f"train.output_dir '{out}' already holds a run; pass --resume to continue it "
-                          "or set train.output_dir to a new folder")
-
-
 def flat_config(recipe: Recipe) -> dict:
     """Recipe as flat scalars for trackers (TensorBoard's hparams take no lists)."""
     flat = {}
@@ -57,13 +56,16 @@ def flat_config(recipe: Recipe) -> dict:
     return flat
 
 
-def build_accelerator(recipe: Recipe):
+def build_accelerator(plan: Plan):
+    """The Accelerator for the plan's accumulation and precision, after the launch checks it allows."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    t = recipe.train
+    from dpo_accel.distributed import check_launch
+
+    t = plan.recipe.train
     project = ProjectConfiguration(project_dir=t.output_dir, logging_dir=os.path.join(t.output_dir, "logs"))
-    kwargs = dict(gradient_accumulation_steps=t.gradient_accumulation_steps, log_with=t.report_to or None,
+    kwargs = dict(gradient_accumulation_steps=plan.geometry.accumulation, log_with=t.report_to or None,
                   project_config=project)
     if t.mixed_precision is not None:
         kwargs["mixed_precision"] = t.mixed_precision
@@ -71,7 +73,9 @@ def build_accelerator(recipe: Recipe):
         # The multi-process launcher does not pass a config's `use_cpu` on; without it two CPU
         # ranks would each run alone instead of forming one gloo group.
         kwargs["cpu"] = True
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    check_launch(accelerator, plan.geometry.processes)
+    return accelerator
 
 
 def has_accelerator_device() -> bool:
@@ -87,30 +91,46 @@ def build_data(accelerator, recipe: Recipe, tokenizer):
     with accelerator.main_process_first():  # the main process tokenises; the others read the cache
         raw = load_preference_splits(recipe.data, recipe.train.seed)
         tokenized, stats = tokenize_splits(raw, tokenizer, recipe.data)
-    if accelerator.is_main_process:
-        print(format_stats(stats))
+    log(format_stats(stats), prefix=False)
     if len(tokenized["train"]) == 0:
         raise RecipeError("no training pair survived truncation; raise data.max_length or data.max_prompt_length")
     return raw, tokenized, stats
 
 
-def build_loaders(recipe: Recipe, tokenized, tokenizer, num_processes: int, layout: str = "concat"):
+def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
+    """The facts that need the built policy: torch.compile, the auto micro-batch and the layout; then the
+    resolved recipe is saved, so recipe.yaml and every checkpoint's recipe say what ran."""
+    from dpo_accel.speed import apply_speed_options
+
+    micro = apply_speed_options(accelerator, plan.recipe, model, tokenized["train"], tokenizer.pad_token_id,
+                                with_reference=plan.reference_mode in ("adapter_off", "copy"),
+                                search=plan.search_micro_batch)
+    plan = plan.settled(model.layout, micro)
+    accelerator.gradient_accumulation_steps = plan.geometry.accumulation
+    # ---- issue 9 (logps.settle_logps_path) goes here: probe 2 training rows with `model`, print its line.
+    if accelerator.is_main_process:
+        os.makedirs(plan.recipe.train.output_dir, exist_ok=True)
+        dump_recipe(plan.recipe, os.path.join(plan.recipe.train.output_dir, "recipe.yaml"))
+    return plan
+
+
+def build_loaders(plan: Plan, tokenized, tokenizer):
     from torch.utils.data import DataLoader, RandomSampler
 
     from dpo_accel.data import LengthGroupedSampler, PreferenceCollator, sequence_lengths
 
-    t, d = recipe.train, recipe.data
+    t, d, g = plan.recipe.train, plan.recipe.data, plan.geometry
     collator = PreferenceCollator(tokenizer.pad_token_id)
     train = tokenized["train"]
     if d.group_by_length:
-        lengths = sequence_lengths(train, layout)  # the row width the decoder will see
+        lengths = sequence_lengths(train, plan.layout)  # the row width the decoder will see
         # Grouped by the GLOBAL batch, so 2 processes x 2 pairs see the same pairs as 1 x 4.
-        sampler = LengthGroupedSampler(lengths, t.per_device_train_batch_size * num_processes, seed=t.seed)
+        sampler = LengthGroupedSampler(lengths, g.per_device * g.processes, seed=t.seed)
     else:
         sampler = RandomSampler(train, generator=torch.Generator().manual_seed(t.seed))
-    train_loader = DataLoader(train, batch_size=t.per_device_train_batch_size, sampler=sampler, collate_fn=collator)
+    train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator)
     eval_loader = None
-    if "eval" in tokenized and len(tokenized["eval"]) and recipe.eval.do_eval:
+    if "eval" in tokenized and len(tokenized["eval"]) and plan.recipe.eval.do_eval:
         eval_loader = DataLoader(tokenized["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator)
     return train_loader, eval_loader, sampler, collator
 
@@ -119,41 +139,16 @@ LAYOUT_TEXT = {"shared": "prefix sharing (one row per pair, the prompt run once)
                "concat": "chosen and rejected rows stacked", "packed": "padding-free packing"}
 
 
-def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, model_path: str, tokenized, collator):
-    """The reference strategy object; a precomputed one runs its pre-pass here, before training."""
-    from dpo_accel.distributed import check_backend, place_reference, reference_load_device
-    from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.modeling import load_frozen_copy, resolve_model_path
-    from dpo_accel.reference import (AdapterOffReference, CopyReference, NoReference, build_precomputed)
+def startup_line(plan: Plan, accelerator, model, ref_model, max_steps: int) -> str:
+    from dpo_accel.modeling import count_parameters
+    from dpo_accel.reference import reference_summary
 
-    r, t = recipe.reference, recipe.train
-    check_backend(accelerator)
-    if mode == "none":
-        return NoReference(), None
-    if mode == "adapter_off" or (mode == "precomputed" and recipe.lora.use_peft and not r.ref_model_name_or_path):
-        source = AdapterOffReference(accelerator.unwrap_model(prepared_model))
-        source_model = source.module.model
-    else:
-        path = resolve_model_path(r.ref_model_name_or_path) if r.ref_model_name_or_path else model_path
-        placed = mode == "copy"  # a precomputed pre-pass keeps a replica: its cache key hashes the full weights
-        device = reference_load_device(accelerator) if placed else accelerator.device
-        init = None if r.ref_model_name_or_path else recipe.lora.init_adapter  # the reference = the policy's start
-        copy = load_frozen_copy(path, recipe.model, r.dtype, device, init_adapter=init)
-        module = PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size, packing=t.padding_free,
-                                      prefix_sharing=t.prefix_sharing)
-        source = CopyReference(place_reference(accelerator, module) if placed else module, accelerator.autocast)
-        source_model = copy
-    if mode != "precomputed":
-        return source, (source_model if mode == "copy" else None)
-    splits = {name: tokenized[name] for name in ("train", "eval") if name in tokenized}
-    settings = {"mixed_precision": accelerator.mixed_precision, "dtype": r.dtype or recipe.model.dtype,
-                "max_length": recipe.data.max_length, "max_prompt_length": recipe.data.max_prompt_length}
-    was_training = prepared_model.training
-    prepared_model.eval()
-    precomputed = build_precomputed(accelerator, recipe, source, source_model, splits, collator, settings)
-    prepared_model.train(was_training)
-    return precomputed, None  # the copy, if one was loaded, is released here
-
+    trainable, total = count_parameters(model)
+    layout = LAYOUT_TEXT[plan.layout] if plan.pairs else "chosen rows only"  # sft trains on the chosen rows alone
+    return (f"policy {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M | reference: "
+            f"{reference_summary(plan.reference_mode, ref_model)} | {plan.geometry.processes} process(es), "
+            f"{accelerator.mixed_precision} precision | {layout} | {max_steps} steps of {plan.geometry.global_batch} "
+            f"{'pairs' if plan.pairs else 'examples'}")
 
 def build_optimizer(recipe: Recipe, model, num_training_steps: int):
     from transformers import get_scheduler
@@ -187,174 +182,208 @@ def truncate_metrics(output_dir: str, step: int) -> None:
             f.writelines(kept)
 
 
-def generation_report(accelerator, recipe: Recipe, model, tokenizer, prompts) -> dict:
-    """Greedy answers to held-out prompts and their behaviour scores (main process only)."""
-    from dpo_accel.evaluate import behaviour_scores, generate_answers
+def write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
 
-    if not prompts or not accelerator.is_main_process:
-        return {}
-    start = time.perf_counter()
-    answers = generate_answers(accelerator.unwrap_model(model).model, tokenizer, prompts,
-                               recipe.eval.max_new_tokens, autocast=accelerator.autocast)
-    seconds = time.perf_counter() - start
-    print(f"{LOG_PREFIX} generated {len(prompts)} held-out answers in {seconds:.1f} s")
-    return {"scores": behaviour_scores(recipe.eval.behaviour, prompts, answers), "seconds": seconds,
-            "samples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]}
+
+@dataclass
+class Session:
+    """What setup built, read by the loop and the finish; ``step`` is the optimizer step reached."""
+
+    plan: Plan
+    accelerator: Any
+    model: Any  # the prepared PreferenceLogpsModel
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    sampler: Any
+    reference: Any  # a reference.py strategy: .logps(batch, split)
+    tokenizer: Any
+    prompts: list  # held-out prompts for generations
+    data_stats: dict
+    train_fingerprint: str
+    steps_per_epoch: int
+    max_steps: int
+    step: int
+    started: float
 
 
 def run(recipe: Recipe, resume: bool = False) -> dict:
-    """Train per `recipe`; returns the final summary (also written to <output_dir>/summary.json)."""
+    """Train per `recipe` with the checks of `main`; returns the summary (also <output_dir>/summary.json)."""
+    return execute(preflight(recipe, resume))
+
+
+def execute(plan: Plan) -> dict:
+    session = setup(plan)
+    train_loop(session)
+    return finish(session)
+
+
+def setup(plan: Plan) -> Session:
+    """Everything before the first step: accelerator, data, policy, loaders, optimizer, reference, resume."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from dpo_accel.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
-    from dpo_accel.evaluate import evaluate_preferences
     from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.losses import compute_objective, needs_reference, needs_rejected, uses_wpo
-    from dpo_accel.metrics import MetricAccumulator, example_metrics
-    from dpo_accel.modeling import count_parameters, load_policy, load_tokenizer, resolve_model_path
-    from dpo_accel.reference import reference_summary, resolve_mode
-    from dpo_accel.speed import apply_speed_options, check_speed_options
+    from dpo_accel.modeling import load_policy, load_tokenizer, resolve_model_path
+    from dpo_accel.plan import check_resume_data
+    from dpo_accel.reference import build_reference
 
-    t = recipe.train
-    run_start = time.perf_counter()
-    check_speed_options(recipe)
-    accelerator = build_accelerator(recipe)
-    main = accelerator.is_main_process
+    started = time.perf_counter()
+    recipe, t = plan.recipe, plan.recipe.train
+    accelerator = build_accelerator(plan)
     set_seed(t.seed)
-    mode = resolve_mode(recipe, needs_reference(recipe.loss))
     with accelerator.main_process_first():  # one GGUF conversion, then every process reads the cache
         model_path = resolve_model_path(recipe.model.model_name_or_path, recipe.model.gguf_file)
     tokenizer = load_tokenizer(recipe.model, model_path)
     raw, tokenized, stats = build_data(accelerator, recipe, tokenizer)
-    if main:
-        os.makedirs(t.output_dir, exist_ok=True)
-        dump_recipe(recipe, os.path.join(t.output_dir, "recipe.yaml"))
-
-    policy = load_policy(recipe.model, recipe.lora, model_path)
-    model = PreferenceLogpsModel(policy, chunk_size=t.logps_chunk_size, wpo=uses_wpo(recipe.loss),
-                                 packing=t.padding_free, prefix_sharing=t.prefix_sharing)
-    # torch.compile of the decoder; auto_find_batch_size rewrites the micro-batch and accumulation here
-    apply_speed_options(accelerator, recipe, model, tokenized["train"], tokenizer.pad_token_id,
-                        with_reference=mode in ("adapter_off", "copy"))
-    train_loader, eval_loader, sampler, collator = build_loaders(recipe, tokenized, tokenizer, accelerator.num_processes,
-                                                                   model.layout)
-    steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / t.gradient_accumulation_steps)
+    model = PreferenceLogpsModel(load_policy(recipe.model, recipe.lora, model_path), chunk_size=t.logps_chunk_size,
+                                 wpo=plan.objective.wpo, packing=t.padding_free, prefix_sharing=t.prefix_sharing)
+    plan = settle(plan, accelerator, model, tokenized, tokenizer)
+    train_loader, eval_loader, sampler, collator = build_loaders(plan, tokenized, tokenizer)
+    g = plan.geometry
+    steps_per_epoch = math.ceil(math.ceil(len(train_loader) / g.processes) / g.accumulation)
+    check_resume_data(plan, tokenized["train"]._fingerprint, steps_per_epoch)
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    optimizer, scheduler = build_optimizer(recipe, model, max_steps)
+    optimizer, scheduler = build_optimizer(plan.recipe, model, max_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare_data_loader(eval_loader)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
-    reference, ref_model = build_reference(accelerator, recipe, mode, model, model_path, tokenized, collator)
-    trainable, total = count_parameters(model)
-    if main:
-        pairs = needs_rejected(recipe.loss)  # sft trains on the chosen rows alone
-        layout = LAYOUT_TEXT[accelerator.unwrap_model(model).layout] if pairs else "chosen rows only"
-        global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-        print(f"{LOG_PREFIX} policy {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M | reference: "
-              f"{reference_summary(mode, ref_model)} | {accelerator.num_processes} process(es), "
-              f"{accelerator.mixed_precision} precision | {layout} | {max_steps} steps of {global_batch} "
-              f"{'pairs' if pairs else 'examples'}")
-    accelerator.init_trackers("dpo_accel", config=flat_config(recipe))
-
-    global_step = 0
-    if resume:
-        state = load_checkpoint(accelerator, latest_checkpoint(t.output_dir))
-        global_step = int(state["global_step"])
-        if main:
-            truncate_metrics(t.output_dir, global_step)
-            print(f"{LOG_PREFIX} resumed at step {global_step}")
+    reference, ref_model = build_reference(accelerator, plan.recipe, plan.reference_mode, model, model_path,
+                                           tokenized, collator)
+    log(startup_line(plan, accelerator, model, ref_model, max_steps))
+    accelerator.init_trackers("dpo_accel", config=flat_config(plan.recipe))
+    step = 0
+    if plan.resume_from is not None:
+        step = int(load_checkpoint(accelerator, plan.resume_from)["global_step"])
+        if accelerator.is_main_process:
+            truncate_metrics(t.output_dir, step)
+        log(f"resumed at step {step}")
     prompts = list(raw["eval"]["prompt"][:recipe.eval.generation_prompts]) if "eval" in raw else []
-    before_path = os.path.join(t.output_dir, "generations_before.json")
-    if main and prompts and not os.path.isfile(before_path):
-        with open(before_path, "w") as f:
-            json.dump(generation_report(accelerator, recipe, model, tokenizer, prompts), f, indent=1)
+    session = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, reference,
+                      tokenizer, prompts, stats, tokenized["train"]._fingerprint, steps_per_epoch, max_steps, step,
+                      started)
+    measure_before(session)
+    return session
 
-    eval_before_path = os.path.join(t.output_dir, "eval_before.json")
-    if eval_loader is not None and mode == "none" and global_step == 0 and not os.path.isfile(eval_before_path):
-        # Without a reference the rewards are not 0 at the start: measure the starting point (all processes).
-        eval_before = evaluate_preferences(accelerator, model, reference, eval_loader, recipe.loss)
-        log_metrics(accelerator, t.output_dir, eval_before, global_step)
-        if main:
-            with open(eval_before_path, "w") as f:
-                json.dump(eval_before, f, indent=1)
-    rejected_needed = needs_rejected(recipe.loss)
-    acc = MetricAccumulator(accelerator, accelerator.unwrap_model(model).layout)
-    bar = tqdm(total=max_steps, initial=global_step, disable=not main, desc="train")
+
+def measure_before(s: Session) -> None:
+    """The policy before training, which finish() compares with: its generations and, where no reference
+    makes the held-out rewards 0 by construction, its held-out metrics. Kept from the first start on resume."""
+    out, e = s.plan.recipe.train.output_dir, s.plan.recipe.eval
+    before = os.path.join(out, "generations_before.json")
+    if s.prompts and not os.path.isfile(before):  # every process: a sharded policy is gathered to generate
+        report = generation_report(s.accelerator, s.model, s.tokenizer, s.prompts, e.max_new_tokens, e.behaviour)
+        if s.accelerator.is_main_process:
+            write_json(before, report)
+    eval_before = os.path.join(out, "eval_before.json")
+    if s.eval_loader is not None and s.plan.reference_mode == "none" and s.step == 0 and not os.path.isfile(eval_before):
+        metrics = evaluate_preferences(s.accelerator, s.model, s.reference, s.eval_loader, s.plan.objective)
+        log_metrics(s.accelerator, out, metrics, s.step)
+        if s.accelerator.is_main_process:
+            write_json(eval_before, metrics)
+
+
+def train_loop(s: Session) -> None:
+    """Optimizer steps from s.step to s.max_steps; logs, evaluates and checkpoints on their intervals."""
+    t, accelerator = s.plan.recipe.train, s.accelerator
+    acc = MetricAccumulator(accelerator, s.plan.layout)
+    bar = tqdm(total=s.max_steps, initial=s.step, disable=not accelerator.is_main_process, desc="train")
     last_log, grad_norm = time.perf_counter(), torch.tensor(0.0)
-    model.train()
-    while global_step < max_steps:
-        epoch = global_step // steps_per_epoch
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        skip = (global_step % steps_per_epoch) * t.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in loader:
-            with accelerator.accumulate(model):
-                if not rejected_needed:  # e.g. sft on preference data: train on prompt -> chosen, no rejected forward
-                    batch = {k: v for k, v in batch.items() if not k.startswith("rejected_")}
-                policy_logps = model(**batch)
-                out = compute_objective(recipe.loss, policy_logps, reference.logps(batch, "train"))
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad()
+    s.model.train()
+    while s.step < s.max_steps:
+        epoch = s.step // s.steps_per_epoch
+        for batch in epoch_batches(s, epoch):
+            if not s.plan.pairs:  # e.g. sft on preference data: train on prompt -> chosen, no rejected forward
+                batch = {k: v for k, v in batch.items() if not k.startswith("rejected_")}
+            out, policy_logps, grad_norm = micro_step(s, batch, grad_norm)
             acc.add(example_metrics(out, policy_logps), batch)
             if not accelerator.sync_gradients:
                 continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            global_step += 1
+            lr = s.scheduler.get_last_lr()[0]
+            s.scheduler.step()
+            s.step += 1
             bar.update(1)
-            if global_step % t.logging_steps == 0 or global_step == max_steps:
+            if s.step % t.logging_steps == 0 or s.step == s.max_steps:
                 elapsed = time.perf_counter() - last_log
-                tokens, processed, pairs = acc.reset_counts()
-                metrics = {**acc.means(), "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
-                           "tokens_per_second": tokens / elapsed, "processed_tokens_per_second": processed / elapsed,
-                           "pairs_per_second": pairs / elapsed}
-                log_metrics(accelerator, t.output_dir, metrics, global_step)
+                report = acc.collect()
+                metrics = {**report.means, "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
+                           "tokens_per_second": report.tokens / elapsed,
+                           "processed_tokens_per_second": report.processed_tokens / elapsed,
+                           "pairs_per_second": report.pairs / elapsed}
+                log_metrics(accelerator, t.output_dir, metrics, s.step)
                 bar.set_postfix(progress_postfix(metrics))
                 last_log = time.perf_counter()
-            if eval_loader is not None and t.eval_steps and global_step % t.eval_steps == 0 and global_step < max_steps:
-                log_metrics(accelerator, t.output_dir,
-                            evaluate_preferences(accelerator, model, reference, eval_loader, recipe.loss), global_step)
+            if s.eval_loader is not None and t.eval_steps and s.step % t.eval_steps == 0 and s.step < s.max_steps:
+                log_metrics(accelerator, t.output_dir, evaluate_preferences(
+                    accelerator, s.model, s.reference, s.eval_loader, s.plan.objective), s.step)
                 last_log = time.perf_counter()
-            if t.save_steps and global_step % t.save_steps == 0:
-                state = {"global_step": global_step, "epoch": epoch, "steps_per_epoch": steps_per_epoch}
-                save_checkpoint(accelerator, t.output_dir, state, recipe, t.save_total_limit)
+            if t.save_steps and s.step % t.save_steps == 0:
+                state = {"global_step": s.step, "epoch": epoch, "steps_per_epoch": s.steps_per_epoch,
+                         "num_processes": s.plan.geometry.processes, "train_fingerprint": s.train_fingerprint}
+                save_checkpoint(accelerator, t.output_dir, state, s.plan.recipe, t.save_total_limit)
                 last_log = time.perf_counter()
-            if global_step >= max_steps:
+            if s.step >= s.max_steps:
                 break
     bar.close()
 
-    summary = {"global_step": global_step, "data": stats}
-    if main and os.path.isfile(eval_before_path):
-        with open(eval_before_path) as f:
+
+def epoch_batches(s: Session, epoch: int):
+    """This epoch's micro-batches, from the data position of s.step (mid-epoch on resume)."""
+    if hasattr(s.sampler, "set_epoch"):
+        s.sampler.set_epoch(epoch)
+    skip = (s.step % s.steps_per_epoch) * s.plan.geometry.accumulation
+    return s.accelerator.skip_first_batches(s.train_loader, skip) if skip else s.train_loader
+
+
+def micro_step(s: Session, batch: dict, grad_norm):
+    """Forward, objective, backward; at the end of an accumulation window also clip and step (Accelerate
+    skips the step and the gradient sync inside the window). Returns the loss output, the policy's
+    log-probs and the latest gradient norm."""
+    with s.accelerator.accumulate(s.model):
+        policy_logps = s.model(**batch)
+        out = compute_objective(s.plan.objective, policy_logps, s.reference.logps(batch, "train"))
+        s.accelerator.backward(out.loss)
+        if s.accelerator.sync_gradients:
+            max_norm = s.plan.recipe.train.max_grad_norm or float("inf")
+            grad_norm = s.accelerator.clip_grad_norm_(s.model.parameters(), max_norm)
+        s.optimizer.step()
+        s.optimizer.zero_grad()
+    return out, policy_logps, grad_norm
+
+
+def finish(s: Session) -> dict:
+    """After the last step: held-out metrics, generations against the 'before' ones, export, summary.
+    Every process calls it (each part may be collective); the main process writes the files."""
+    accelerator, t, e = s.accelerator, s.plan.recipe.train, s.plan.recipe.eval
+    main = accelerator.is_main_process
+    summary = {"global_step": s.step, "data": s.data_stats}
+    eval_before = os.path.join(t.output_dir, "eval_before.json")
+    if main and os.path.isfile(eval_before):
+        with open(eval_before) as f:
             summary["eval_before"] = json.load(f)
-    if eval_loader is not None:
-        summary["eval"] = evaluate_preferences(accelerator, model, reference, eval_loader, recipe.loss)
-        log_metrics(accelerator, t.output_dir, summary["eval"], global_step)
-    if main and prompts:
-        with open(before_path) as f:
-            before = json.load(f)
-        after = generation_report(accelerator, recipe, model, tokenizer, prompts)
-        with open(os.path.join(t.output_dir, "generations_after.json"), "w") as f:
-            json.dump(after, f, indent=1)
-        summary["behaviour"] = {"before": before["scores"], "after": after["scores"]}
-    summary["exported"] = export_model(accelerator, model, tokenizer, recipe, t.output_dir, t.export_merged)
+    if s.eval_loader is not None:
+        summary["eval"] = evaluate_preferences(accelerator, s.model, s.reference, s.eval_loader, s.plan.objective)
+        log_metrics(accelerator, t.output_dir, summary["eval"], s.step)
+    if s.prompts:
+        after = generation_report(accelerator, s.model, s.tokenizer, s.prompts, e.max_new_tokens, e.behaviour)
+        if main:
+            with open(os.path.join(t.output_dir, "generations_before.json")) as f:
+                before = json.load(f)
+            write_json(os.path.join(t.output_dir, "generations_after.json"), after)
+            summary["behaviour"] = {"before": before["scores"], "after": after["scores"]}
+    summary["exported"] = export_model(accelerator, s.model, s.tokenizer, s.plan.recipe, t.output_dir, t.export_merged)
     accelerator.end_training()
     if main:
         summary["table"] = final_table(summary)
-        summary["wall_seconds"] = time.perf_counter() - run_start
-        print(summary["table"])
-        print(f"{LOG_PREFIX} {global_step} steps, {summary['wall_seconds']:.0f} s in all (loading, data, "
-              f"training, evaluation, generation, export)")
-        with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        summary["wall_seconds"] = time.perf_counter() - s.started
+        log(summary["table"], prefix=False)
+        log(f"{s.step} steps, {summary['wall_seconds']:.0f} s in all (loading, data, training, evaluation, "
+            "generation, export)")
+        write_json(os.path.join(t.output_dir, "summary.json"), summary)
     return summary
-
 
 def final_table(summary: dict) -> str:
     """Held-out before/after table. With a reference the policy equals it before training, so every
@@ -387,20 +416,19 @@ def progress_postfix(metrics: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from dpo_accel.losses import validate_loss_config
-
-        recipe = load_recipe(args.recipe, args.set)
-        from dpo_accel.speed import check_speed_options
-
-        validate_loss_config(recipe.loss)
-        check_speed_options(recipe)
-        check_output_dir(recipe, args.resume)
-    except (RecipeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run(recipe, resume=args.resume)
+        plan = preflight(load_recipe(args.recipe, args.set), args.resume)
+    except ValueError as e:  # RecipeError, and the objective's checks
+        return refuse(e)
+    try:
+        execute(plan)
+    except RecipeError as e:  # the checks that need the accelerator or the data (launch, resume position)
+        return refuse(e)
     return 0
 
+
+def refuse(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 if __name__ == "__main__":
     sys.exit(main())
