@@ -122,6 +122,8 @@ class LossOutput:
         objective is itself reference-free: SimPO, ORPO, SFT report rewards that way).
     metrics: detached [B] extras: "nll" (per-token NLL of the chosen answer) where an NLL term is in
         the loss, "log_odds_ratio" for ORPO, "wpo_weight" with WPO, "loss_<name>" per objective of a list.
+    aux_loss: detached scalar router load-balancing loss of an MoE policy (``loss`` includes coef times it;
+        ``losses`` does not), None for dense models and forwards without gradients.
     """
 
     loss: Tensor
@@ -129,6 +131,7 @@ class LossOutput:
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Optional[Tensor] = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -672,8 +675,15 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
         losses = losses * weight
         metrics["wpo_weight"] = weight
     chosen_rewards, rejected_rewards = _rewards(cfg, plan, logps, with_reference)
-    return LossOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
-                      rejected_rewards=rejected_rewards, metrics={k: v.detach() for k, v in metrics.items()})
+    loss, aux_loss = losses.mean(), policy.get("aux_loss")
+    if aux_loss is not None:  # MoE policy: + coef * router load-balancing loss, as TRL adds it
+        coef = _get(cfg, "router_aux_loss_coef")
+        if coef is None:  # the model config's coefficient, passed along by the log-prob module
+            coef = float(policy["aux_loss_coef"]) if "aux_loss_coef" in policy else 0.0
+        loss = loss + coef * aux_loss.to(loss.dtype)
+        aux_loss = aux_loss.detach()
+    return LossOutput(loss=loss, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                      metrics={k: v.detach() for k, v in metrics.items()}, aux_loss=aux_loss)
 
 
 def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,

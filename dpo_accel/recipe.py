@@ -94,6 +94,9 @@ class LossConfig:
     f_alpha_divergence_coef: float = 1.0  # alpha of alpha_divergence
     use_weighting: bool = False  # WPO per-pair weights
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
+    # Weight of the router load-balancing loss added for mixture-of-experts policies (Mixtral, Qwen-MoE, OLMoE, ...),
+    # as TRL does; null: the model config's router_aux_loss_coef; 0 turns it off. Dense models ignore it.
+    router_aux_loss_coef: Optional[float] = None
 
 
 @dataclass
@@ -122,7 +125,12 @@ class TrainConfig:
     logps_chunk_size: int = 256  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
     padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
     prefix_sharing: Optional[bool] = None  # run each pair's common prefix (the prompt) once, exactly: one row per
-    # pair with a custom 4D mask; null (auto): on where the model allows it (sdpa/eager, verified type, no sliding window)
+    # pair with a custom 4D mask (per-layer sliding windows kept); null (auto): on where sdpa/eager attention takes
+    # the mask and the start-up self-check finds it equal to stacked rows; true: required (one-line error if not)
+    # auto: memory-lean log-probs (decoder body -> chunked LM head) where the start-up self-check finds them equal to
+    # the model's own logits (1e-4 relative), else the full [rows, T, V] logits; lean: required (one-line error if
+    # the check fails); full: always the model's own forward (more memory)
+    logps_path: str = "auto"
     torch_compile: bool = False  # torch.compile the decoder body (first steps include compile time; CPU needs g++/clang++)
     torch_compile_backend: Optional[str] = None  # torch.compile backend (null: inductor; aot_eager/eager to debug)
     auto_find_batch_size: bool = False  # find the largest micro-batch that fits at start-up; accumulation keeps batch x accum
@@ -167,6 +175,7 @@ CHOICES = {
     "data.truncation_mode": ("keep_end", "keep_start"),
     "loss.f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     "train.optimizer": ("adamw", "rmsprop"),
+    "train.logps_path": ("auto", "lean", "full"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
 }
