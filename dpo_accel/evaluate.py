@@ -33,12 +33,15 @@ def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dic
 
 
 def generation_report(accelerator, model, tokenizer, prompts: list, max_new_tokens: int,
-                      behaviour: Optional[str]) -> dict:
-    """Greedy answers of the prepared policy to held-out `prompts` and their behaviour scores, on the main
-    process ({} on the others). Every process must call it: a policy sharded by FSDP2 or ZeRO-3 is first
-    gathered into one plain copy on the main process (`distributed.gathered_copy`, as the export does),
-    since a sharded forward needs every process and generation runs a different number of forwards per
-    prompt batch. A replica (single process, DDP, ZeRO-1/2) generates as it is."""
+                      behaviour: Optional[str], sampling: Optional[dict] = None, rows: Optional[list] = None,
+                      regex: Optional[str] = None) -> dict:
+    """Answers (greedy, or sampled per `sampling`: generate_answers' keywords) of the prepared policy to
+    held-out `prompts`, their behaviour scores (`rows`: the prompts' held-out rows, for scorers that read
+    them, and saved as each sample's chosen answer), on the main process ({} on the others). Every process
+    must call it: a policy sharded by FSDP2 or ZeRO-3 is first gathered into one plain copy on the main
+    process (`distributed.gathered_copy`, as the export does), since a sharded forward needs every process
+    and generation runs a different number of forwards per prompt batch. A replica (single process, DDP,
+    ZeRO-1/2) generates as it is."""
     from dpo_accel.distributed import gathered_copy, is_sharded
 
     if not prompts:
@@ -51,20 +54,26 @@ def generation_report(accelerator, model, tokenizer, prompts: list, max_new_toke
     report = {}
     if accelerator.is_main_process:
         start = time.perf_counter()
-        answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast)
+        answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast,
+                                   **(sampling or {}))
         seconds = time.perf_counter() - start
-        log(f"generated {len(prompts)} held-out answers in {seconds:.1f} s")
-        report = {"scores": behaviour_scores(behaviour, prompts, answers), "seconds": seconds,
-                  "samples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]}
+        log(f"generated {len(answers)} held-out answers in {seconds:.1f} s")
+        k = len(answers) // len(prompts)  # num_return_sequences: each prompt's answers are consecutive
+        prompts, rows = [p for p in prompts for _ in range(k)], rows and [r for r in rows for _ in range(k)]
+        report = {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
+                  "samples": [{"prompt": p, "answer": a, **({"chosen": rows[i]["chosen"]} if rows else {})}
+                              for i, (p, a) in enumerate(zip(prompts, answers))]}
     accelerator.wait_for_everyone()
     return report
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16,
-                     autocast=None) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped) for `prompts`, tokenised exactly as in
-    training (`data.prompt_input_ids`) and left-padded in batches."""
+                     autocast=None, temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
+                     seed: int = 0) -> list[str]:
+    """Answers (decoded, special tokens dropped) for `prompts`, tokenised exactly as in training
+    (`data.prompt_input_ids`) and left-padded in batches: greedy at temperature 0, else sampled
+    (`num_return_sequences` per prompt, consecutive; seeded, the caller's RNG state left as it was)."""
     from dpo_accel.data import prompt_input_ids
 
     was_training, use_cache = model.training, model.config.use_cache
@@ -72,20 +81,27 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
     model.config.use_cache = True
     device = next(model.parameters()).device
     answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            rows = [prompt_input_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    finally:
-        model.config.use_cache = use_cache
-        model.train(was_training)
+    sample = {"do_sample": False}
+    if temperature > 0:
+        sample = {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                  "num_return_sequences": num_return_sequences}
+    # Sampling draws from its own seeded stream: the run's RNG state (and so its resume) is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, len(prompts), batch_size):
+                rows = [prompt_input_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+                width = max(len(r) for r in rows)
+                ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         **sample)
+                answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        finally:
+            model.config.use_cache = use_cache
+            model.train(was_training)
     return [a.strip() for a in answers]
 
 
