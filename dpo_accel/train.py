@@ -98,16 +98,21 @@ def build_data(accelerator, recipe: Recipe, tokenizer):
 
 
 def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
-    """The facts that need the built policy: torch.compile, the auto micro-batch and the layout; then the
-    resolved recipe is saved, so recipe.yaml and every checkpoint's recipe say what ran."""
+    """The facts that need the built policy: its log-prob path and layout (a self-check on 2 training pairs),
+    torch.compile and the auto micro-batch; then the resolved recipe is saved, so recipe.yaml and every
+    checkpoint's recipe say what ran."""
+    from dpo_accel.data import PreferenceCollator
+    from dpo_accel.logps import settle_logps_path
     from dpo_accel.speed import apply_speed_options
 
+    train = tokenized["train"]
+    probe = PreferenceCollator(tokenizer.pad_token_id)([train[i] for i in range(min(2, len(train)))])
+    log(settle_logps_path(model, probe, getattr(plan.recipe.train, "logps_path", "auto")))  # key: issue 9's
     micro = apply_speed_options(accelerator, plan.recipe, model, tokenized["train"], tokenizer.pad_token_id,
                                 with_reference=plan.reference_mode in ("adapter_off", "copy"),
                                 search=plan.search_micro_batch)
     plan = plan.settled(model.layout, micro)
     accelerator.gradient_accumulation_steps = plan.geometry.accumulation
-    # ---- issue 9 (logps.settle_logps_path) goes here: probe 2 training rows with `model`, print its line.
     if accelerator.is_main_process:
         os.makedirs(plan.recipe.train.output_dir, exist_ok=True)
         dump_recipe(plan.recipe, os.path.join(plan.recipe.train.output_dir, "recipe.yaml"))

@@ -18,7 +18,7 @@ def test_config_parses_with_accelerate(path):
 
     config = load_config_from_file(path)
     raw = yaml.safe_load(open(path))
-    # Unquoted `no` / `NO` become False in YAML and break `accelerate launch` (FACTS.md).
+    # Unquoted `no` / `NO` become False in YAML (1.1) and `accelerate launch` then fails on them.
     assert raw["distributed_type"] is not False and raw.get("mixed_precision") is not False
     assert config.num_processes >= 1
     assert "accelerate launch" in open(path).read()  # each config says how it is used
