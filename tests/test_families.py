@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -196,6 +197,99 @@ def families_table(results: list[dict]) -> str:
         lines.append(f"| {r['family']} (`{r['model_type']}`, {r['attention']}) | {r['path']} | "
                      f"{'on' if r['sharing'] else 'off'} | {why} | {_bound(r['max_rel_diff'])} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- mixture of experts
+
+@pytest.mark.parametrize("name", ["Mixtral (MoE)", "Qwen2-MoE (MoE)"])
+def test_moe_loss_adds_the_models_own_router_loss_and_the_reference_never_computes_it(name):
+    """The router loss of the training forward (either layout) is the model's own ``aux_loss`` on the
+    stacked, padded rows; the objective adds coef x it (config coefficient, or the recipe's); a forward
+    without gradients (every reference strategy, eval) returns none; dense models never do."""
+    from dpo_accel.losses import compute_objective
+    from dpo_accel.recipe import LossConfig
+
+    model = build(name)
+    batch = family_batch()
+    T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    ids, mask = (torch.cat([torch.nn.functional.pad(batch[f"{s}_{k}"], (0, T - batch[f"{s}_{k}"].shape[1]))
+                            for s in ("chosen", "rejected")]) for k in ("input_ids", "attention_mask"))
+    model.train()
+    own = model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    coef = model.config.router_aux_loss_coef
+    assert coef > 0
+    module = PreferenceLogpsModel(model, chunk_size=5, prefix_sharing=None)
+    settle_logps_path(module, batch)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    for sharing in (True, False):
+        module.prefix_sharing = sharing
+        policy = module(**batch)
+        torch.testing.assert_close(policy["aux_loss"], own, rtol=1e-5, atol=0)
+        assert any(float(g.abs().max()) > 0 for g in torch.autograd.grad(policy["aux_loss"], lora, allow_unused=True)
+                   if g is not None)  # the router loss trains the adapter
+        with torch.no_grad():
+            reference = module(**batch)  # how every reference strategy calls it
+        assert "aux_loss" not in reference
+        plain = compute_objective(LossConfig(router_aux_loss_coef=0.0), policy, reference)
+        out = compute_objective(LossConfig(), policy, reference)
+        torch.testing.assert_close(out.loss, plain.loss + coef * own.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(out.aux_loss, own.detach())
+        assert out.loss.requires_grad and not out.aux_loss.requires_grad
+        override = compute_objective(LossConfig(router_aux_loss_coef=0.5), policy, reference)
+        torch.testing.assert_close(override.loss, plain.loss + 0.5 * own.detach(), rtol=1e-6, atol=0)
+        assert compute_objective(LossConfig(), reference, reference).aux_loss is None
+    dense = PreferenceLogpsModel(build("Llama"), prefix_sharing=False)(**batch)
+    assert "aux_loss" not in dense and compute_objective(LossConfig(), dense, dense).aux_loss is None
+
+
+# ------------------------------------------------------------------------------ a head the lean path misses
+
+def mis_structured() -> torch.nn.Module:
+    """A GPT-NeoX whose forward adds a bias to the logits outside its output embedding: the lean path
+    (decoder body -> get_output_embeddings()) cannot see it; only the self-check can."""
+    model = build("GPT-NeoX (partial rotary)", lora=False)
+    model.logit_bias = torch.nn.Parameter(torch.randn(VOCAB))
+    plain_forward = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        out = plain_forward(self, *args, **kwargs)
+        out.logits = out.logits + self.logit_bias
+        return out
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def test_self_check_picks_the_full_path_for_a_head_it_cannot_see_and_lean_forced_fails_in_one_line():
+    model = mis_structured()
+    batch = family_batch()
+    module = PreferenceLogpsModel(model, prefix_sharing=None)
+    line = settle_logps_path(module, batch)
+    assert module.naive and module.decision.path == "full" and module.decision.path_diff > 1e-2
+    assert line.startswith("log-probs: full logits for model type 'gpt_neox' (differs from the model's own logits by")
+    assert "GB per 1k tokens" in line or "MB per 1k tokens" in line
+    assert "\n" not in line and "prefix sharing on" in line  # the full path shares the prefix too
+    reference = separate_forwards(model.eval(), batch)
+    with torch.no_grad():
+        assert relative_difference(module(**batch), reference) <= RTOL
+        assert relative_difference(dict(zip(("chosen_logps", "rejected_logps"), concatenated_forward(model, batch))),
+                                   reference) <= RTOL
+    with pytest.raises(ValueError) as err:
+        settle_logps_path(PreferenceLogpsModel(model), batch, "lean")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train.logps_path: lean, but for model type 'gpt_neox'")
+    assert message.endswith("set train.logps_path: auto or full")
+    good = PreferenceLogpsModel(build("GPT-NeoX (partial rotary)"))
+    assert settle_logps_path(good, batch, "lean").startswith("log-probs: memory-lean") and not good.naive
+
+
+def test_a_family_that_takes_no_4d_mask_falls_back_to_stacked_rows_and_forcing_sharing_fails():
+    batch = family_batch()
+    module = PreferenceLogpsModel(build("Bloom (ALiBi)"), prefix_sharing=None)
+    line = settle_logps_path(module, batch)
+    assert module.layout == "concat" and "prefix sharing off: the family's forward refuses a 4D mask" in line
+    assert module.layout_reason in line
+    with pytest.raises(ValueError, match=r"^train.prefix_sharing: true, but for model type 'bloom'"):
+        settle_logps_path(PreferenceLogpsModel(build("Bloom (ALiBi)"), prefix_sharing=True), batch)
 
 
 _RESULTS: dict[str, dict] = {}
