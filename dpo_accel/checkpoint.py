@@ -72,8 +72,10 @@ def load_checkpoint(accelerator, path: str) -> dict:
         return json.load(f)
 
 
-def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str, merge: bool) -> dict[str, str]:
-    """Write the final model in HF safetensors format; returns {kind: directory}.
+def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str, merge: bool,
+                 card: Optional[dict] = None) -> dict[str, str]:
+    """Write the final model in HF safetensors format; returns {kind: directory}. With `card` (the run's
+    summary so far), each folder gets a README.md model card (dpo_accel.model_card).
 
     With LoRA: ``<output_dir>/adapter`` (peft adapter) and, when `merge`, ``<output_dir>/model``
     (adapter merged into the base). Without LoRA: ``<output_dir>/model``. Each directory also holds
@@ -111,6 +113,10 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
             save(tmp)
             tokenizer.save_pretrained(tmp)
             dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
+            if card is not None:
+                from dpo_accel.model_card import write_model_card
+
+                write_model_card(tmp, kind, recipe, card, final)
         written[kind] = final
     accelerator.wait_for_everyone()
     return written

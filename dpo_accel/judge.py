@@ -139,3 +139,13 @@ def judge_table(scores: dict) -> str:
         rows.append(f"| win rate after vs {name} | {scores[key]:.3f} | "
                     f"{scores[key + '_low']:.3f} to {scores[key + '_high']:.3f} |")
     return "\n".join(rows)
+
+
+def judge_reports(path: str, before: dict, after: dict, device, batch_size: int = 16,
+                  autocast: Optional[Callable] = None, seed: int = 0) -> dict:
+    """`judge_answers` on the loop's two generation reports (samples of prompt, answer and chosen, aligned)."""
+    b, a = before["samples"], after["samples"]
+    if [x["prompt"] for x in b] != [x["prompt"] for x in a] or any("chosen" not in x for x in a):
+        raise ValueError("the before and after generations must answer the same prompts and carry the chosen answers")
+    return judge_answers(path, [x["prompt"] for x in a], [x["answer"] for x in b], [x["answer"] for x in a],
+                         [x["chosen"] for x in a], device, batch_size=batch_size, autocast=autocast, seed=seed)

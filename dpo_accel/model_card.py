@@ -140,10 +140,11 @@ def model_card(kind: str, recipe: Recipe, summary: dict, where: str) -> str:
     return "\n".join(front + body)
 
 
-def write_model_card(directory: str, kind: str, recipe: Recipe, summary: dict) -> str:
-    """Write `<directory>/README.md`; the load snippet names the hub id when the run pushes there."""
+def write_model_card(directory: str, kind: str, recipe: Recipe, summary: dict, final: Optional[str] = None) -> str:
+    """Write `<directory>/README.md`; the load snippet names the hub id when the run pushes there, else
+    `final` (where the folder ends up; default `directory`)."""
     t = recipe.train
-    where = t.hub_model_id if t.push_to_hub and t.hub_model_id else directory
+    where = t.hub_model_id if t.push_to_hub and t.hub_model_id else (final or directory)
     path = os.path.join(directory, "README.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write(model_card(kind, recipe, summary, where))

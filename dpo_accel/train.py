@@ -33,6 +33,7 @@ from dpo_accel.evaluate import evaluate_preferences, generation_report
 from dpo_accel.losses import compute_objective
 from dpo_accel.metrics import MetricAccumulator, example_metrics
 from dpo_accel.plan import Plan, check_output_dir, preflight
+from dpo_accel.plots import read_metrics
 from dpo_accel.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_to_dict
 
 __all__ = ["check_output_dir", "execute", "main", "preflight", "run"]  # check_output_dir: the plan's, kept here
@@ -213,6 +214,7 @@ class Session:
     max_steps: int
     step: int
     started: float
+    eval_rows: Any = None  # the held-out rows of `prompts` (their chosen answers, for scorers and the judge)
 
 
 def run(recipe: Recipe, resume: bool = False) -> dict:
@@ -267,9 +269,10 @@ def setup(plan: Plan) -> Session:
             truncate_metrics(t.output_dir, step)
         log(f"resumed at step {step}")
     prompts = list(raw["eval"]["prompt"][:recipe.eval.generation_prompts]) if "eval" in raw else []
+    rows = raw["eval"].select(range(len(prompts))).to_list() if prompts else []
     session = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, reference,
                       tokenizer, prompts, stats, tokenized["train"]._fingerprint, steps_per_epoch, max_steps, step,
-                      started)
+                      started, rows)
     measure_before(session)
     return session
 
@@ -277,10 +280,10 @@ def setup(plan: Plan) -> Session:
 def measure_before(s: Session) -> None:
     """The policy before training, which finish() compares with: its generations and, where no reference
     makes the held-out rewards 0 by construction, its held-out metrics. Kept from the first start on resume."""
-    out, e = s.plan.recipe.train.output_dir, s.plan.recipe.eval
+    out = s.plan.recipe.train.output_dir
     before = os.path.join(out, "generations_before.json")
     if s.prompts and not os.path.isfile(before):  # every process: a sharded policy is gathered to generate
-        report = generation_report(s.accelerator, s.model, s.tokenizer, s.prompts, e.max_new_tokens, e.behaviour)
+        report = held_out_answers(s)
         if s.accelerator.is_main_process:
             write_json(before, report)
     eval_before = os.path.join(out, "eval_before.json")
@@ -289,6 +292,16 @@ def measure_before(s: Session) -> None:
         log_metrics(s.accelerator, out, metrics, s.step)
         if s.accelerator.is_main_process:
             write_json(eval_before, metrics)
+
+
+def held_out_answers(s: Session) -> dict:
+    """The policy's answers to the held-out prompts (greedy, or sampled per eval.*, the same seed before
+    and after) with their behaviour scores; every process calls it."""
+    e, seed = s.plan.recipe.eval, s.plan.recipe.train.seed
+    sampling = {"temperature": e.temperature, "top_p": e.top_p, "num_return_sequences": e.num_return_sequences,
+                "seed": seed if e.generation_seed is None else e.generation_seed}
+    return generation_report(s.accelerator, s.model, s.tokenizer, s.prompts, e.max_new_tokens, e.behaviour,
+                             sampling, s.eval_rows, e.behaviour_regex)
 
 
 def train_loop(s: Session) -> None:
@@ -317,7 +330,8 @@ def train_loop(s: Session) -> None:
                 metrics = {**report.means, "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
                            "tokens_per_second": report.tokens / elapsed,
                            "processed_tokens_per_second": report.processed_tokens / elapsed,
-                           "pairs_per_second": report.pairs / elapsed}
+                           "pairs_per_second": report.pairs / elapsed,
+                           "num_tokens": report.tokens, "num_pairs": report.pairs}  # since the last line
                 log_metrics(accelerator, t.output_dir, metrics, s.step)
                 bar.set_postfix(progress_postfix(metrics))
                 last_log = time.perf_counter()
@@ -373,22 +387,75 @@ def finish(s: Session) -> dict:
         summary["eval"] = evaluate_preferences(accelerator, s.model, s.reference, s.eval_loader, s.plan.objective)
         log_metrics(accelerator, t.output_dir, summary["eval"], s.step)
     if s.prompts:
-        after = generation_report(accelerator, s.model, s.tokenizer, s.prompts, e.max_new_tokens, e.behaviour)
+        after = held_out_answers(s)
         if main:
             with open(os.path.join(t.output_dir, "generations_before.json")) as f:
                 before = json.load(f)
             write_json(os.path.join(t.output_dir, "generations_after.json"), after)
             summary["behaviour"] = {"before": before["scores"], "after": after["scores"]}
-    summary["exported"] = export_model(accelerator, s.model, s.tokenizer, s.plan.recipe, t.output_dir, t.export_merged)
-    accelerator.end_training()
+            if e.reward_model:
+                summary["judge"] = judge_generations(s, before, after)
+    card = None
     if main:
         summary["table"] = final_table(summary)
+        rows = read_metrics(t.output_dir)
+        summary["tokens_seen"] = sum(r.get("num_tokens", 0) for r in rows)
+        summary["pairs_seen"] = sum(r.get("num_pairs", 0) for r in rows)
+        card = {**summary, "reference_mode": s.plan.reference_mode}
+        if "judge" in summary:
+            from dpo_accel.judge import judge_table
+
+            card["judge_table"] = judge_table(summary["judge"])
+    summary["exported"] = export_model(accelerator, s.model, s.tokenizer, s.plan.recipe, t.output_dir, t.export_merged,
+                                       card=card)
+    accelerator.end_training()
+    if main:
+        if t.push_to_hub:
+            push_export(summary, t.hub_model_id)
+        summary["plots"] = plot_curves(t.output_dir)
         summary["wall_seconds"] = time.perf_counter() - s.started
         log(summary["table"], prefix=False)
+        if "judge" in summary:
+            log(card["judge_table"], prefix=False)
         log(f"{s.step} steps, {summary['wall_seconds']:.0f} s in all (loading, data, training, evaluation, "
             "generation, export)")
         write_json(os.path.join(t.output_dir, "summary.json"), summary)
     return summary
+
+def judge_generations(s: Session, before: dict, after: dict) -> dict:
+    """eval.reward_model's verdict on the answers before and after training and the chosen ones (main
+    process); the per-answer rewards go to judge.json."""
+    from dpo_accel.judge import judge_reports
+
+    e, t, start = s.plan.recipe.eval, s.plan.recipe.train, time.perf_counter()
+    result = judge_reports(e.reward_model, before, after, s.accelerator.device, e.reward_batch_size,
+                           s.accelerator.autocast, t.seed)
+    write_json(os.path.join(t.output_dir, "judge.json"), result)
+    log(f"reward model judged {3 * len(after['samples'])} answers in {time.perf_counter() - start:.1f} s")
+    return result["scores"]
+
+
+def push_export(summary: dict, repo_id: str) -> None:
+    """Upload the finished export; a failure is one line and leaves the local folders as they are."""
+    from dpo_accel.model_card import PushError, push_to_hub
+
+    try:
+        summary["pushed"] = {"repo_id": repo_id, "folder": push_to_hub(summary["exported"], repo_id)}
+        log(f"pushed {summary['pushed']['folder']} to the hub as {repo_id}")
+    except PushError as error:
+        print(f"error: {error}", file=sys.stderr)
+        summary["pushed"] = {"repo_id": repo_id, "error": str(error)}
+
+
+def plot_curves(output_dir: str) -> list:
+    """The run's curves as PNGs in its folder (nothing, and a one-line hint, without matplotlib)."""
+    from dpo_accel.plots import plot_run
+
+    written = plot_run(output_dir)
+    if written:
+        log(f"plots: {', '.join(sorted(os.path.basename(p) for p in written))} in {output_dir}")
+    return sorted(written)
+
 
 def final_table(summary: dict) -> str:
     """Held-out before/after table. With a reference the policy equals it before training, so every
@@ -404,6 +471,9 @@ def final_table(summary: dict) -> str:
     if "behaviour" in summary:
         before.update(summary["behaviour"]["before"])
         after.update(summary["behaviour"]["after"])
+    if "judge" in summary:  # the reward model's mean reward of the answers before and after training
+        before["reward_model/mean_reward"] = summary["judge"]["reward_before"]
+        after["reward_model/mean_reward"] = summary["judge"]["reward_after"]
     return before_after_table(before, after)
 
 

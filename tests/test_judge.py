@@ -8,20 +8,23 @@ from dpo_accel import judge
 from dpo_accel.recipe import RecipeError
 
 
-@pytest.fixture(scope="module")
-def reward_dir(smol_dir, tmp_path_factory) -> str:
+def make_reward_model(tokenizer_dir: str, path: str) -> str:
     """A tiny LlamaForSequenceClassification (one label, random weights) with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("tiny_rm"))
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def reward_dir(smol_dir, tmp_path_factory) -> str:
+    return make_reward_model(smol_dir, str(tmp_path_factory.mktemp("tiny_rm")))
 
 
 PROMPTS = ["Capital of Kenya?", "What is 17 + 25?", "Name the capital of Peru.", "Capital of Mali?", "Hi"]
