@@ -42,18 +42,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
+from dpo_accel.console import log
+from dpo_accel.logps import IGNORE_INDEX
 from dpo_accel.recipe import DataConfig, RecipeError
 
-logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 FORMATS = ("explicit", "conversational", "implicit", "hh", "sft")
@@ -185,8 +184,8 @@ def load_preference_splits(cfg: DataConfig, seed: int, cache_dir: Optional[str] 
             carved = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=seed)
             splits["train"], splits["eval"] = carved["train"], carved["test"]
         elif cfg.eval_split:
-            logger.info("dataset '%s' has no '%s' split and data.eval_fraction is 0: no held-out evaluation",
-                        cfg.dataset_name, cfg.eval_split)
+            log(f"dataset '{cfg.dataset_name}' has no '{cfg.eval_split}' split and data.eval_fraction is 0: "
+                "no held-out evaluation")
     for key, cap in (("train", cfg.max_train_samples), ("eval", cfg.max_eval_samples)):
         if cap is None or key not in splits:
             continue

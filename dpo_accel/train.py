@@ -108,7 +108,7 @@ def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
 
     train = tokenized["train"]
     probe = PreferenceCollator(tokenizer.pad_token_id)([train[i] for i in range(min(2, len(train)))])
-    log(settle_logps_path(model, probe, getattr(plan.recipe.train, "logps_path", "auto")))  # key: issue 9's
+    log(settle_logps_path(model, probe, plan.recipe.train.logps_path))
     micro = apply_speed_options(accelerator, plan.recipe, model, tokenized["train"], tokenizer.pad_token_id,
                                 with_reference=plan.reference_mode in ("adapter_off", "copy"),
                                 search=plan.search_micro_batch)
