@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -280,7 +281,10 @@ def test_packing_checkpointing_and_auto_batch_in_the_real_loop(tiny_model_dir, p
     assert seen[:2] == [4, 2] and set(seen[2:]) == {2}  # 4 refused once, then only 2-pair forwards
     assert_same_run(plain_run[0], out, plain_run[1], rows)
     with open(os.path.join(out, "recipe.yaml")) as f:
-        assert "auto_find_batch_size: true" in f.read()
+        saved = yaml.safe_load(f)["train"]
+    assert saved["auto_find_batch_size"] is True
+    # The search ran before recipe.yaml was written: the saved recipe (and every checkpoint's) says what ran.
+    assert (saved["per_device_train_batch_size"], saved["gradient_accumulation_steps"]) == (2, 2)
 
 
 # ------------------------------------------------------------------------------------- benchmark
