@@ -23,12 +23,11 @@ check a mixture before anything heavy is imported.
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
-from dpo_accel.recipe import RecipeError
+from dpo_accel.recipe import RecipeError, did_you_mean
 
 FORMATS = ("auto", "explicit", "conversational", "implicit", "hh", "sft")
 
@@ -67,9 +66,7 @@ MIXTURE_KEYS = ["datasets", "seed", "test_split_size"]
 
 
 def _unknown(key: str, where: str, allowed: list) -> MixtureError:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f" (keys: {', '.join(allowed)})"
-    return MixtureError(f"unknown key '{key}' in {where}{hint}")
+    return MixtureError(f"unknown key '{key}' in {where}{did_you_mean(key, allowed, list_choices=True)}")
 
 
 def parse_mixture(raw, where: str = "data.dataset_mixture") -> Mixture:

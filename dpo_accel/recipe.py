@@ -368,6 +368,9 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        from dpo_accel.handbook import sectioned
+
+        raw = sectioned(raw, path)  # a flat alignment-handbook / TRL recipe -> our sections, mapping printed
     return recipe_from_dict(apply_overrides(raw, list(overrides or [])))
 
 
