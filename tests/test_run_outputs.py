@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -67,3 +68,36 @@ def test_lora_run_writes_plots_cards_scores_and_verdict(tiny_model_dir, smol_dir
                          summary["table"], f"{summary['judge']['win_rate_vs_before']:.3f}",
                          f'"{os.path.join(out, kind)}"', "- transformers "):
             assert expected in card, (kind, expected)
+
+
+def test_sampled_generations_are_seeded_and_leave_the_rng_alone(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_accel.evaluate import generate_answers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["What is 12 + 30?", "Capital of Kenya?"]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = generate_answers(model, tokenizer, prompts, 6, temperature=1.0, num_return_sequences=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's own stream is untouched
+    assert len(first) == 6 and len(set(first)) > 1  # 3 samples per prompt, not all the same
+    assert generate_answers(model, tokenizer, prompts, 6, temperature=1.0, num_return_sequences=3, seed=7) == first
+    assert generate_answers(model, tokenizer, prompts, 6, temperature=1.0, num_return_sequences=3, seed=8) != first
+    greedy = generate_answers(model, tokenizer, prompts, 6)
+    assert len(greedy) == 2 and generate_answers(model, tokenizer, prompts, 6, seed=99) == greedy
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.num_return_sequences=2", "use 1, or more with eval.temperature > 0"),
+    ("eval.top_p=0", "eval.top_p in (0, 1]"),
+    ("train.push_to_hub=true", "train.push_to_hub needs train.hub_model_id"),
+    ("eval.behaviour=arithmetic", "eval.behaviour 'arithmetic' is not a scorer"),
+])
+def test_eval_and_hub_keys_are_checked_before_any_compute(override, message):
+    from dpo_accel.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(None, [override])
