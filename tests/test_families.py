@@ -9,8 +9,10 @@ The results table of the README comes from these checks: ``python scripts/famili
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import subprocess
 import sys
 import types
@@ -290,6 +292,120 @@ def test_a_family_that_takes_no_4d_mask_falls_back_to_stacked_rows_and_forcing_s
     assert module.layout_reason in line
     with pytest.raises(ValueError, match=r"^train.prefix_sharing: true, but for model type 'bloom'"):
         settle_logps_path(PreferenceLogpsModel(build("Bloom (ALiBi)"), prefix_sharing=True), batch)
+
+
+# --------------------------------------------------------------------------- end to end, accelerate launch
+
+def save_tiny(model_type: str, path: str, tokenizer_dir: str, **extra) -> str:
+    """A tiny random model of ``model_type`` with the real SmolLM2 tokenizer, saved for model_name_or_path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def launch(recipe: str, overrides: dict, cwd: str) -> subprocess.CompletedProcess:
+    """The README's command: accelerate launch --config_file cpu_single.yaml dpo_accel/train.py --recipe ... --set ..."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", "cpu_single.yaml"), os.path.join(REPO, "dpo_accel", "train.py"),
+           "--recipe", recipe]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metric_rows(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, extra", [("gpt_neox", {"rotary_pct": 0.25}),
+                                               ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})])
+def test_lora_run_through_accelerate_launch(model_type, extra, smol_dir, tmp_path):
+    """LoRA DPO of a tiny GPT-NeoX / Mixtral with the main job's recipe: the lean path and prefix sharing
+    settle at start-up, metrics are written, the merged model loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny(model_type, str(tmp_path / model_type), smol_dir, **extra)
+    out = str(tmp_path / "run")
+    proc = launch(os.path.join(REPO, "recipes", "smollm2_arith_lora.yaml"), {
+        "model.model_name_or_path": model_dir, "data.dataset_name": os.path.join(REPO, "data", "arith_prefs"),
+        "data.max_train_samples": 16, "data.max_eval_samples": 8, "data.max_length": 96,
+        "data.max_prompt_length": 64, "train.output_dir": out, "train.per_device_train_batch_size": 4,
+        "train.max_steps": 3, "train.logging_steps": 1, "train.save_steps": 0, "train.learning_rate": 1e-3,
+        "train.mixed_precision": "no", "lora.lora_r": 4, "eval.generation_prompts": 0}, str(tmp_path))
+    assert "log-probs: memory-lean" in proc.stdout and "prefix sharing on: exact" in proc.stdout, proc.stdout[-2000:]
+    rows = [r for r in metric_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(("aux_loss" in r) == (model_type == "mixtral") for r in rows)  # the router loss, MoE only
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
+    assert merged.config.model_type == model_type and not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def hh_dataset(path: str, n_train: int, n_test: int) -> str:
+    """A small Anthropic-HH-format dataset: chosen / rejected transcripts sharing every turn but the last."""
+    rng = random.Random(0)
+    os.makedirs(path, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                a, b = rng.randint(10, 99), rng.randint(10, 99)
+                prompt = (f"\n\nHuman: Can you add {a} and {b}?\n\nAssistant: Sure, let me work it out."
+                          f"\n\nHuman: What do you get?\n\nAssistant:")
+                f.write(json.dumps({"chosen": f"{prompt} {a} + {b} = {a + b}.",
+                                    "rejected": f"{prompt} I think it is {a + b + rng.randint(1, 9)}, maybe."}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_dpo_paper_recipes_run_on_a_tiny_gpt_neox(smol_dir, tmp_path):
+    """The paper's two recipes as shipped, only the model (a tiny GPT-NeoX, Pythia's family), the data (an
+    HH-format file) and the output folders overridden: SFT, then DPO from its export, one epoch of one
+    64-pair step each, RMSprop, warm-up, clipping, the 16-bit reference copy and the 256-pair eval cap."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_accel.recipe import load_recipe
+
+    sft_recipe = os.path.join(REPO, "recipes", "dpo_paper_hh_pythia28_sft.yaml")
+    dpo_recipe = os.path.join(REPO, "recipes", "dpo_paper_hh_pythia28_dpo.yaml")
+    sft, dpo = load_recipe(sft_recipe), load_recipe(dpo_recipe)
+    for r in (sft, dpo):
+        t = r.train
+        assert (t.optimizer, t.learning_rate, t.warmup_steps, t.max_grad_norm, t.num_train_epochs) == (
+            "rmsprop", 5e-7, 150, 10.0, 1)
+        assert t.per_device_train_batch_size * t.gradient_accumulation_steps == 64
+        assert (r.data.max_length, r.data.max_prompt_length, r.data.max_eval_samples) == (512, 256, 256)
+        assert r.model.model_name_or_path.endswith("pythia-2.8b") or r is dpo
+    assert dpo.loss.beta == 0.1 and dpo.loss.loss_type == "sigmoid" and sft.loss.loss_type == "sft"
+    assert dpo.model.model_name_or_path == os.path.join(sft.train.output_dir, "model")
+    model_dir = save_tiny("gpt_neox", str(tmp_path / "pythia"), smol_dir, rotary_pct=0.25)
+    data = hh_dataset(str(tmp_path / "hh"), n_train=64, n_test=12)
+    common = {"data.dataset_name": data}
+    proc = launch(sft_recipe, {**common, "model.model_name_or_path": model_dir,
+                               "train.output_dir": str(tmp_path / "sft")}, str(tmp_path))
+    assert "log-probs: memory-lean" in proc.stdout
+    proc = launch(dpo_recipe, {**common, "model.model_name_or_path": str(tmp_path / "sft" / "model"),
+                               "train.output_dir": str(tmp_path / "dpo")}, str(tmp_path))
+    assert "log-probs: memory-lean" in proc.stdout and "prefix sharing on" in proc.stdout
+    for stage in ("sft", "dpo"):
+        rows = metric_rows(str(tmp_path / stage))
+        steps = [r for r in rows if "loss" in r]
+        assert [r["step"] for r in steps] == [1], stage  # one epoch of 64 pairs at batch 64
+        assert steps[0]["learning_rate"] < 5e-7, stage  # inside the 150 warm-up steps
+        assert any("eval/loss" in r or "eval/nll" in r for r in rows), stage
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / stage / "model"))
+    assert abs([r for r in metric_rows(str(tmp_path / "dpo")) if "loss" in r][0]["loss"] - math.log(2)) < 1e-2
 
 
 _RESULTS: dict[str, dict] = {}
