@@ -499,9 +499,11 @@ def relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
-def _probe(batch: dict, pairs: int = 2) -> dict:
-    """The first ``pairs`` pairs of a batch (tensors sliced on rows; other keys dropped)."""
-    return {k: v[:pairs] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+def _probe(batch: dict, model: torch.nn.Module, pairs: int = 2) -> dict:
+    """The first ``pairs`` pairs of a batch (tensors sliced on rows, other keys dropped), on the model's device."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    return {k: v[:pairs].to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2
             and k.split("_", 1)[0] in ("chosen", "rejected")}
 
 
@@ -511,11 +513,12 @@ def _self_check_rtol(hf_model: torch.nn.Module) -> float:
     return SELF_CHECK_RTOL.get(dtype, SELF_CHECK_RTOL_16BIT)
 
 
-def _agree_across_processes(ok: bool, device) -> bool:
+def _agree_across_processes(ok: bool) -> bool:
     """All ranks must take the same path (ZeRO-3 counts head calls across ranks): any rank's no wins."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return ok
-    flag = torch.tensor([0 if ok else 1], device=device)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    flag = torch.tensor([0 if ok else 1], device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item()) == 0
 
@@ -568,7 +571,7 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
             else:
                 lean = concatenated_logps(model, probe, chunk_size=chunk_size, packing=packing)
                 decision.path_diff = relative_difference(lean, full)
-                ok = _agree_across_processes(decision.path_diff <= rtol, full["chosen_logps"].device)
+                ok = _agree_across_processes(decision.path_diff <= rtol)
                 decision.path = "lean" if ok else "full"
                 decision.path_reason = (f"equal to the model's own logits within {rtol:g}" if ok else
                                         f"differs from the model's own logits by {decision.path_diff:.1e} relative "
@@ -598,7 +601,7 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
                               f"relative (the family's attention does not follow the 4D mask or position ids)")
                 except Exception as e:  # e.g. ALiBi built from a 2D mask
                     ok, reason = False, f"the family's forward refuses a 4D mask ({type(e).__name__}: {str(e)[:120]})"
-                ok = _agree_across_processes(ok, full["chosen_logps"].device)
+                ok = _agree_across_processes(ok)
                 decision.sharing = ok
                 windows = attention_windows(config)
                 sliding = {t: w for t, w in windows.items() if w is not None}
@@ -688,7 +691,7 @@ class PreferenceLogpsModel(torch.nn.Module):
 
     def settle(self, probe: dict) -> PathDecision:
         """Run the self-check on ``probe`` and adopt its path and layout."""
-        self.decision = self_check(self.model, _probe(probe), path=self.requested_path,
+        self.decision = self_check(self.model, _probe(probe, self.model), path=self.requested_path,
                                    prefix_sharing=self.requested_sharing, packing=self.packing,
                                    chunk_size=self.chunk_size)
         self.prefix_sharing = bool(self.decision.sharing)
@@ -738,7 +741,7 @@ def concatenated_forward(model: torch.nn.Module, batch: dict, average_log_prob: 
             key = _unwrap(_unwrap_for_config(model))
             decision = _PLAIN_DECISIONS.get(key)
             if decision is None:  # both questions at once, answered for this model once
-                decision = _PLAIN_DECISIONS[key] = self_check(model, _probe(batch))
+                decision = _PLAIN_DECISIONS[key] = self_check(model, _probe(batch, model))
             opts.setdefault("naive", decision.path == "full")
             if auto_sharing:
                 opts["prefix_sharing"] = bool(decision.sharing) and not opts.get("packing", False)
