@@ -287,6 +287,15 @@ def test_self_check_picks_the_full_path_for_a_head_it_cannot_see_and_lean_forced
     assert settle_logps_path(good, batch, "lean").startswith("log-probs: memory-lean") and not good.naive
 
 
+def test_16_bit_weights_keep_the_lean_path_where_only_rounding_differs():
+    """A bfloat16 Gemma 2 rounds its own logits before soft-capping them (the lean path caps in float32):
+    the two differ by rounding only, inside the 16-bit tolerance, so the lean path stays."""
+    module = PreferenceLogpsModel(build("Gemma 2 (window 4, soft-capping)", lora=False).to(torch.bfloat16),
+                                  prefix_sharing=None)
+    line = settle_logps_path(module, family_batch())
+    assert not module.naive and 0 < module.decision.path_diff <= 1e-2 and "within 0.01" in line, line
+
+
 def test_a_family_that_takes_no_4d_mask_falls_back_to_stacked_rows_and_forcing_sharing_fails():
     batch = family_batch()
     module = PreferenceLogpsModel(build("Bloom (ALiBi)"), prefix_sharing=None)
