@@ -285,6 +285,11 @@ def test_self_check_picks_the_full_path_for_a_head_it_cannot_see_and_lean_forced
     assert message.endswith("set train.logps_path: auto or full")
     good = PreferenceLogpsModel(build("GPT-NeoX (partial rotary)"))
     assert settle_logps_path(good, batch, "lean").startswith("log-probs: memory-lean") and not good.naive
+    from dpo_accel.recipe import RecipeError, load_recipe
+
+    assert load_recipe(None, ["train.logps_path=full"]).train.logps_path == "full"
+    with pytest.raises(RecipeError, match="^recipe key 'train.logps_path' is 'fast'; choose one of: auto, lean, full$"):
+        load_recipe(None, ["train.logps_path=fast"])
 
 
 def test_16_bit_weights_keep_the_lean_path_where_only_rounding_differs():
