@@ -567,7 +567,7 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
             if path == "full":
                 decision.path, decision.path_reason = "full", "forced by the recipe (train.logps_path: full)"
             elif problem:
-                decision.path, decision.path_reason = "full", problem
+                decision.path, decision.path_reason = "full", f"cannot run: {problem}"
             else:
                 lean = concatenated_logps(model, probe, chunk_size=chunk_size, packing=packing)
                 decision.path_diff = relative_difference(lean, full)

@@ -292,6 +292,19 @@ def test_self_check_picks_the_full_path_for_a_head_it_cannot_see_and_lean_forced
         load_recipe(None, ["train.logps_path=fast"])
 
 
+def test_a_model_without_a_visible_head_gets_the_full_path_not_an_error():
+    """The public API never refuses a causal LM: no output embedding to call means the model's own forward."""
+    model = build("Llama", lora=False)
+    model.get_output_embeddings = lambda: None
+    batch = family_batch()
+    module = PreferenceLogpsModel(model, prefix_sharing=None)
+    line = settle_logps_path(module, batch)
+    assert module.naive and "cannot run: get_output_embeddings() gives no LM head" in line, line
+    with torch.no_grad():
+        got = dict(zip(("chosen_logps", "rejected_logps"), concatenated_forward(model, batch)))
+    assert relative_difference(got, separate_forwards(model.eval(), batch)) <= RTOL
+
+
 def test_16_bit_weights_keep_the_lean_path_where_only_rounding_differs():
     """A bfloat16 Gemma 2 rounds its own logits before soft-capping them (the lean path caps in float32):
     the two differ by rounding only, inside the 16-bit tolerance, so the lean path stays."""
