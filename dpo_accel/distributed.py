@@ -76,6 +76,21 @@ def check_backend(accelerator) -> None:
             f"(FSDP and DeepSpeed need GPUs); on CPU launch with accelerate_configs/cpu_two_process.yaml")
 
 
+@contextlib.contextmanager
+def whole_weights(module: torch.nn.Module):
+    """Every weight of `module` whole on each process while inside: transformers partitions a model for
+    ZeRO-3 as it loads it, so a forward before ``accelerator.prepare`` (the start-up self-check of the
+    log-prob path) needs the partitions gathered; every process must enter. A no-op for anything else."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
 def reference_load_device(accelerator) -> torch.device:
     """Where to load a reference copy: the CPU when it is about to be sharded (only the shards then
     reach the accelerator; no full copy per device), else this process's device."""
@@ -240,7 +255,7 @@ def gathered_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
 
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
-    with torch.device("meta"), _no_zero3_init():
+    with torch.device("meta"), one_process_zero3_off():
         plain = AutoModelForCausalLM.from_config(base.config)
         if peft:
             from peft import get_peft_model
@@ -262,9 +277,10 @@ def gathered_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
 
 
 @contextlib.contextmanager
-def _no_zero3_init():
-    """Build a model as on one device even while a ZeRO-3 run is configured: transformers would otherwise
-    partition it with `deepspeed.zero.Init`, a collective that only the main process would enter."""
+def one_process_zero3_off():
+    """Build or run a plain model on one process even while a ZeRO-3 run is configured: transformers would
+    otherwise partition a new model with `deepspeed.zero.Init`, and `generate` would sync every decoding
+    step with the other processes (``synced_gpus``): collectives that only the main process would enter."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref

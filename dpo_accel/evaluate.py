@@ -42,7 +42,7 @@ def generation_report(accelerator, model, tokenizer, prompts: list, max_new_toke
     process (`distributed.gathered_copy`, as the export does), since a sharded forward needs every process
     and generation runs a different number of forwards per prompt batch. A replica (single process, DDP,
     ZeRO-1/2) generates as it is."""
-    from dpo_accel.distributed import gathered_copy, is_sharded
+    from dpo_accel.distributed import gathered_copy, is_sharded, one_process_zero3_off
 
     if not prompts:
         return {}
@@ -54,8 +54,9 @@ def generation_report(accelerator, model, tokenizer, prompts: list, max_new_toke
     report = {}
     if accelerator.is_main_process:
         start = time.perf_counter()
-        answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast,
-                                   **(sampling or {}))
+        with one_process_zero3_off():  # only this process generates
+            answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast,
+                                       **(sampling or {}))
         seconds = time.perf_counter() - start
         log(f"generated {len(answers)} held-out answers in {seconds:.1f} s")
         k = len(answers) // len(prompts)  # num_return_sequences: each prompt's answers are consecutive

@@ -103,12 +103,14 @@ def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
     torch.compile and the auto micro-batch; then the resolved recipe is saved, so recipe.yaml and every
     checkpoint's recipe say what ran."""
     from dpo_accel.data import PreferenceCollator
+    from dpo_accel.distributed import whole_weights
     from dpo_accel.logps import settle_logps_path
     from dpo_accel.speed import apply_speed_options
 
     train = tokenized["train"]
     probe = PreferenceCollator(tokenizer.pad_token_id)([train[i] for i in range(min(2, len(train)))])
-    log(settle_logps_path(model, probe, plan.recipe.train.logps_path))
+    with whole_weights(model):  # ZeRO-3 partitioned the policy as it loaded
+        log(settle_logps_path(model, probe, plan.recipe.train.logps_path))
     micro = apply_speed_options(accelerator, plan.recipe, model, tokenized["train"], tokenizer.pad_token_id,
                                 with_reference=plan.reference_mode in ("adapter_off", "copy"),
                                 search=plan.search_micro_batch)

@@ -239,6 +239,87 @@ def test_sharded_run_resumes_exactly(config, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "deepspeed_zero3.yaml"])
+def test_generation_under_a_sharded_policy(config, tiny_model_dir, tmp_path):
+    """eval.generation_prompts > 0 under FSDP2 and ZeRO-3 (full fine-tuning: every weight sharded): the run
+    finishes, and the answers before training are exactly those of the unsharded starting model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_accel.evaluate import generate_answers
+
+    if "deepspeed" in config:
+        pytest.importorskip("deepspeed")
+    extra = {"eval.generation_prompts": 3, "eval.max_new_tokens": 6, "train.max_steps": 2}
+    if "zero3" in config:
+        extra["train.logps_chunk_size"] = 100_000  # one LM-head chunk per forward (see the ZeRO test above)
+    out = str(tmp_path / "run")
+    run = launch(tiny_model_dir, out, 2, 2,
+                 ["--config_file", os.path.join(CONFIGS, config), "--num_processes", "2", "--mixed_precision", "no",
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())],
+                 script=os.path.abspath(__file__), **extra)
+    assert "generated 3 held-out answers" in run["stdout"]
+    reports = {}
+    for when in ("before", "after"):
+        with open(os.path.join(out, f"generations_{when}.json")) as f:
+            reports[when] = json.load(f)
+        assert len(reports[when]["samples"]) == 3
+    prompts = [s["prompt"] for s in reports["before"]["samples"]]
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected = generate_answers(start, AutoTokenizer.from_pretrained(tiny_model_dir), prompts, 6)
+    assert [s["answer"] for s in reports["before"]["samples"]] == expected
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["behaviour"]["after"]
+
+
+METRICS_SCRIPT = """
+import sys
+from collections import defaultdict
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, sys.argv[1])
+from dpo_accel.metrics import MetricAccumulator, token_counts
+
+accelerator = Accelerator(cpu=True)
+assert accelerator.num_processes == 2
+rows = [{"chosen_input_ids": torch.arange(5) + i, "chosen_attention_mask": (torch.arange(5) < 2 + i % 4).long(),
+         "idx": i} for i in range(7)]  # 7 rows, 2 per process: the last global batch repeats a row
+loader = accelerator.prepare_data_loader(DataLoader(rows, batch_size=2))
+accumulator, values, tokens, pairs = MetricAccumulator(accelerator), defaultdict(list), 0.0, 0
+for batch in loader:
+    noise = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(int(i))) for i in batch["idx"]])
+    metrics = {"loss": noise * 3.7 + 1 / 3, "rewards/margins": torch.log1p(noise) - 0.1 * batch["idx"]}
+    gathered = accelerator.gather_for_metrics(metrics)  # what the accumulator did per micro-batch before
+    for key, value in gathered.items():
+        values[key].append(value.float().cpu())
+    count = torch.tensor(token_counts(batch, "concat"), dtype=torch.float64)
+    tokens += float(accelerator.reduce(count, reduction="sum")[0])
+    pairs += int(gathered["loss"].numel())
+    accumulator.add(metrics, batch)
+report = accumulator.collect()
+per_batch = {key: float(torch.cat(v).mean()) for key, v in values.items()}
+assert report.means == per_batch, (report.means, per_batch)
+assert (report.tokens, report.pairs) == (tokens, pairs) and pairs == 7, (report, tokens, pairs)
+print("identical", report.means, report.tokens, report.pairs)
+"""
+
+
+@pytest.mark.slow
+def test_metrics_gathered_once_equal_the_per_micro_batch_gather(tmp_path):
+    """2 gloo ranks, 7 rows in batches of 2 (the last one padded with a repeated row): one gather per logging
+    step gives exactly (==) the means, token and pair counts that gather_for_metrics per micro-batch gave."""
+    script = tmp_path / "metrics_once.py"
+    script.write_text(METRICS_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(CONFIGS, "cpu_two_process.yaml"), "--main_process_port", str(free_port()), str(script), REPO]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("identical") == 2  # both ranks checked
+
+
+@pytest.mark.slow
 def test_two_machines_from_the_slurm_script_equal_one_process_lora(lora_baseline, tiny_model_dir, tmp_path):
     """slurm_multinode.sh + multi_node.yaml, each 'machine' a localhost launch of 1 process: 2 ranks x 2
     pairs of LoRA with the adapter-off reference equal 1 process x 4 pairs."""
