@@ -560,8 +560,9 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
     has_pairs = "rejected_input_ids" in probe and probe["rejected_input_ids"].shape[0] > 0
     was_training = model.training
     model.eval()  # dropout off: the two paths must see the same function
-    try:
-        with torch.no_grad():
+    device_type = probe["chosen_input_ids"].device.type
+    try:  # in the weights' own dtype: under autocast a soft-cap rounds differently in the two paths
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
             full = concatenated_logps(model, probe, naive=True, packing=packing)
             problem = lean_problem(hf_model)
             if path == "full":

@@ -312,6 +312,10 @@ def test_16_bit_weights_keep_the_lean_path_where_only_rounding_differs():
                                   prefix_sharing=None)
     line = settle_logps_path(module, family_batch())
     assert not module.naive and 0 < module.decision.path_diff <= 1e-2 and "within 0.01" in line, line
+    lazy = PreferenceLogpsModel(build("Gemma 2 (window 4, soft-capping)", lora=False), prefix_sharing=None)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a reference copy's first call, bf16 run
+        lazy(**family_batch())
+    assert not lazy.naive and lazy.decision.path_diff <= 1e-4  # checked in float32, outside the autocast
 
 
 def test_a_family_that_takes_no_4d_mask_falls_back_to_stacked_rows_and_forcing_sharing_fails():
