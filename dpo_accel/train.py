@@ -11,20 +11,23 @@ backward, clip, step) -> `finish` (held-out eval, generations, export, summary).
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file by `accelerate launch dpo_accel/train.py`
+    # Python put this folder first on sys.path, where a module named like a standard one (dpo_accel/inspect.py)
+    # would shadow it: import the package from the repository root instead.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file by `accelerate launch dpo_accel/train.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
-
 from tqdm.auto import tqdm
 
 from dpo_accel.checkpoint import export_model, load_checkpoint, save_checkpoint
@@ -225,6 +228,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
 
 
 def execute(plan: Plan) -> dict:
+    """Run a preflighted plan: setup, the train loop, the finish."""
     session = setup(plan)
     train_loop(session)
     return finish(session)
