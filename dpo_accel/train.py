@@ -36,7 +36,6 @@ from dpo_accel.evaluate import evaluate_preferences, generation_report
 from dpo_accel.losses import compute_objective
 from dpo_accel.metrics import MetricAccumulator, example_metrics
 from dpo_accel.plan import Plan, check_output_dir, preflight
-from dpo_accel.plots import read_metrics
 from dpo_accel.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_to_dict
 
 __all__ = ["check_output_dir", "execute", "main", "preflight", "run"]  # check_output_dir: the plan's, kept here
@@ -403,6 +402,8 @@ def finish(s: Session) -> dict:
                 summary["judge"] = judge_generations(s, before, after)
     card = None
     if main:
+        from dpo_accel.plots import read_metrics  # here: the package imports train, and `-m dpo_accel.plots` the package
+
         summary["table"] = final_table(summary)
         rows = read_metrics(t.output_dir)
         summary["tokens_seen"] = sum(r.get("num_tokens", 0) for r in rows)
