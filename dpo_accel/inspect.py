@@ -25,9 +25,10 @@ store; with gradient checkpointing each layer keeps its input and one layer is l
 the LM head holds one chunk of [chunk, vocab] logits in the compute dtype plus two float32 copies (the
 log-softmax and its gradient); under autocast with float32 weights, the bf16 cast of every decoder
 weight that autograd keeps for the backward counts as an activation; a GPU adds 1 GiB for the CUDA
-context and allocator; the CPU adds 0.5 x the saved activations for freed temporaries glibc's
-allocator keeps (measured here, 2026-11-30: one bf16 step of the main job in stacked rows left RSS
-0.52 x its saved tensors above weights + saved tensors + LM head). FLOPs: 2N per
+context and allocator; the CPU adds 0.75 x the saved activations for freed temporaries glibc's
+allocator keeps (measured here, 2026-11-30: one bf16 forward + backward of the main job's longest
+micro-batch in stacked rows, [16, 112], peaked 0.75 x its 1.65 GiB of saved tensors above weights +
+saved tensors + LM-head chunk + LoRA state; the test then checks a run in the other layout). FLOPs: 2N per
 token the decoder runs per forward (N = parameters that multiply, the input embedding excluded unless
 tied; the LM head only at label positions) plus the attention's 2·d per causal query-key pair and
 layer; backward one forward more (LoRA: activation gradients only) or two (full), a reference forward
@@ -55,7 +56,7 @@ GiB = 1024 ** 3
 GPU_PEAK = {16: (65, "T4"), 24: (121, "L4"), 40: (312, "A100 40GB"), 48: (362, "L40S"), 80: (312, "A100 80GB"),
             94: (989, "H100 NVL"), 141: (989, "H200")}
 CUDA_OVERHEAD = 1 * GiB
-CPU_RETAINED = 0.5  # x saved activations: freed temporaries the CPU allocator keeps (see the module docstring)
+CPU_RETAINED = 0.75  # x saved activations: freed temporaries the CPU allocator keeps (see the module docstring)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -165,7 +166,25 @@ class ModelFacts:
     model_type: str
 
 
+_CACHE: dict = {}
+
+
+def _memo(kind: str, config, recipe: Recipe, *extra):
+    """A key for results that depend on the config and the recipe's model/LoRA keys only (the fit search
+    re-estimates one recipe under several settings)."""
+    import dataclasses as dc
+
+    return (kind, config.to_json_string(), repr(dc.astuple(recipe.lora)), recipe.model.attn_implementation, extra)
+
+
 def model_facts(config, recipe: Recipe) -> ModelFacts:
+    key = _memo("facts", config, recipe)
+    if key not in _CACHE:
+        _CACHE[key] = _model_facts(config, recipe)
+    return _CACHE[key]
+
+
+def _model_facts(config, recipe: Recipe) -> ModelFacts:
     model = _meta_model(config, recipe)
     base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -181,6 +200,13 @@ def model_facts(config, recipe: Recipe) -> ModelFacts:
 def saved_bytes(config, recipe: Recipe, rows: int, width: int, compute_dtype) -> tuple:
     """(bytes autograd saves for backward in the decoder body, of which per layer) for one micro-batch of
     [rows, width] tokens, from forwards of the meta model with 1 and 2 layers."""
+    key = _memo("saved", config, recipe, rows, width, str(compute_dtype))
+    if key not in _CACHE:
+        _CACHE[key] = _saved_bytes(config, recipe, rows, width, compute_dtype)
+    return _CACHE[key]
+
+
+def _saved_bytes(config, recipe: Recipe, rows: int, width: int, compute_dtype) -> tuple:
     import torch
 
     def trace(layers: int) -> int:
@@ -321,13 +347,23 @@ def estimate(recipe: Recipe, facts: ModelFacts, config, mode: str, layout: str, 
         casts = (facts.matmul_params - facts.vocab * facts.hidden - (facts.trainable if recipe.lora.use_peft else 0))
         act += casts * act_bytes
         act_gc += casts * act_bytes / facts.layers  # checkpointed: one layer's casts live at a time
-    lm_head = recipe.train.logps_chunk_size * facts.vocab * (act_bytes + 8)
+    lm_head = lm_head_positions(recipe, facts.vocab) * facts.vocab * (act_bytes + 8)
     if device.gpu:
         overhead = CUDA_OVERHEAD
-    else:  # glibc keeps freed temporaries: measured 0.52 x the saved activations on this CPU (module docstring)
+    else:  # glibc keeps freed temporaries: measured 0.75 x the saved activations on this CPU (module docstring)
         overhead = CPU_RETAINED * (act_gc if recipe.model.gradient_checkpointing else act)
     return Estimate(weights, state.gradients, state.optimizer, state.reference, act, act_gc, lm_head,
                     overhead, recipe.model.gradient_checkpointing, {"rows": rows, "width": width, "dtype": dtype})
+
+
+def lm_head_positions(recipe: Recipe, vocab: int) -> int:
+    """Label positions per LM-head chunk: train.logps_chunk_size, capped by train.logps_chunk_mb where the
+    recipe has it (two float32 [chunk, V] buffers within that many MiB)."""
+    positions = recipe.train.logps_chunk_size
+    mb = getattr(recipe.train, "logps_chunk_mb", None)
+    if mb:
+        positions = min(positions, max(1, int(mb * 2 ** 20 // (8 * vocab))))
+    return positions
 
 
 def flops_per_step(recipe: Recipe, facts: ModelFacts, mode: str, batches: Batches, layout: str,
@@ -483,7 +519,7 @@ def report(recipe: Recipe, args) -> tuple[str, dict]:
         used, other = (est.activations_checkpointed, est.activations) if est.checkpointing else \
             (est.activations, est.activations_checkpointed)
         rows.append((f"activations ({'with' if est.checkpointing else 'no'} checkpointing)", used))
-        rows.append((f"LM-head chunk ({recipe.train.logps_chunk_size} x {facts.vocab})", est.lm_head))
+        rows.append((f"LM-head chunk ({lm_head_positions(recipe, facts.vocab)} x {facts.vocab})", est.lm_head))
         rows.append(("CUDA context + allocator" if device.gpu else "CPU allocator (freed blocks kept)",
                      est.overhead))
         rows.append(("total", est.total))
