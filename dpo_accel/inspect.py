@@ -523,8 +523,8 @@ def report(recipe: Recipe, args) -> tuple[str, dict]:
         rows.append(("CUDA context + allocator" if device.gpu else "CPU allocator (freed blocks kept)",
                      est.overhead))
         rows.append(("total", est.total))
-        lines += [f"  {label:<34}{gib(value)}" for label, value in rows]
-        lines.append(f"  {'(activations ' + ('without' if est.checkpointing else 'with') + ' checkpointing)':<34}"
+        lines += [f"  {label:<36}{gib(value)}" for label, value in rows]
+        lines.append(f"  {'(activations ' + ('without' if est.checkpointing else 'with') + ' checkpointing)':<36}"
                      f"{gib(other)}")
         if device.gpu:
             per_step = flops / (device.peak_flops * args.mfu)
