@@ -199,8 +199,9 @@ def load_preference_splits(cfg: DataConfig, seed: int, cache_dir: Optional[str] 
 # ------------------------------------------------------------------------------------- mixtures
 
 class MixtureDict(dict):
-    """The splits of a mixture ("train", maybe "eval": normalised rows in mixed order, a DatasetDict's
-    interface) plus how they were made, so `tokenize_splits` tokenises and caches each source apart:
+    """The splits of a mixture ({"train": Dataset, maybe "eval": Dataset} of normalised rows in mixed order,
+    read as a DatasetDict is) plus how they were made, so `tokenize_splits` tokenises and caches each source
+    apart:
 
     parts   [(label, Dataset)]: each source's kept rows, normalised (eval_split sources add a part)
     orders  {split: int array}: rows of concatenate(parts) in the split's order
