@@ -10,9 +10,11 @@ Two ways to turn hidden states into log-probs:
 
 - memory-lean (default): the decoder body gives the final hidden states [2B, T, H]; only the positions
   whose NEXT token is a label are kept ([N, H], prompt and padding never reach the LM head); the LM head
-  runs on chunks of ``chunk_size`` of them with a float32 logsumexp under non-reentrant
-  ``torch.utils.checkpoint``, so at most one chunk's [chunk_size, V] logits exist at a time, in the
-  forward and in the backward. The [2B, T, V] logits are never built.
+  runs on chunks of them with a float32 logsumexp, recomputed in backward instead of kept, so at most one
+  chunk's [chunk, V] logits exist at a time. A chunk holds as many positions as fit a memory budget
+  (``chunk_mb``, at most ``chunk_size``), so the transient is the same whatever the vocabulary; a plain
+  linear head runs through one autograd function that keeps a single [chunk, V] buffer in backward. The
+  [2B, T, V] logits are never built.
 - naive (``naive=True``): the full model's logits [2B, T, V] -> float32 log_softmax -> gather. It is the
   reference the tests compare against and the baseline of the benchmark.
 
@@ -40,6 +42,7 @@ tokens of the stacked rows (a shared prefix counts once per row it stands for).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import weakref
@@ -47,6 +50,8 @@ from typing import Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from dpo_accel.attention import PAIR_ATTENTION, PairSegments, skip_masks, use_pair_attention
 
 IGNORE_INDEX = -100
 
@@ -61,11 +66,11 @@ SELF_CHECK_RTOL_16BIT = 1e-2
 # attention mask: sdpa / eager / flex get a block-diagonal causal mask from transformers' mask creation,
 # flash-attention derives variable-length boundaries from the position ids.
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
-                     "flash_attention_4")
+                     "flash_attention_4", PAIR_ATTENTION)
 
 # Attention implementations that take a custom 4D mask as it is (prefix sharing): sdpa a boolean one,
-# eager an additive float one. Flash-attention kernels take no arbitrary mask.
-PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
+# eager an additive float one (sdpa_pairs is sdpa). Flash-attention kernels take no arbitrary mask.
+PREFIX_SHARING_ATTENTION = ("sdpa", "eager", PAIR_ATTENTION)
 
 # Layer types (config.layer_types) whose mask prefix sharing can build: causal, or causal within a window.
 WINDOWED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -249,14 +254,51 @@ def shared_prefix_lengths(batch: dict) -> torch.Tensor:
 
 def processed_tokens(batch: dict, layout: str) -> int:
     """Tokens the decoder runs on for this batch, padding included, under `layout`: "concat" ([2B, T], T the
-    longest real row), "shared" (prefix sharing: B rows of max(c + r - s)) or "packed" (real tokens only)."""
+    longest real row), "shared" (prefix sharing: B rows of max(c + r - s)), "packed_shared" (prefix sharing,
+    the pairs packed into one row: sum(c + r - s)) or "packed" (real tokens only)."""
     masks = [batch[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
     lengths = [m.sum(-1) for m in masks]
-    if layout == "packed":
+    if layout == "packed" or (layout == "packed_shared" and len(masks) < 2):
         return int(sum(int(n.sum()) for n in lengths))
+    if layout == "packed_shared":
+        return int((lengths[0] + lengths[1] - shared_prefix_lengths(batch)).sum())
     if layout == "shared" and len(masks) == 2:
         return masks[0].shape[0] * int((lengths[0] + lengths[1] - shared_prefix_lengths(batch)).max())
     return len(masks) * masks[0].shape[0] * int(max(int(n.max()) for n in lengths))
+
+
+def _shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int):
+    """One row per pair, ``[chosen (c tokens) | rejected tokens after the shared prefix (r - s)]``, right-padded:
+    ids [B, L], own-row positions [B, L], real-token flags [B, L], and per pair s, c and c + r - s [B]."""
+    B = n_chosen
+    c_len, r_len = attention_mask[:B].sum(-1), attention_mask[B:].sum(-1)
+    shared = shared_prefix_lengths({"chosen_input_ids": input_ids[:B], "chosen_attention_mask": attention_mask[:B],
+                                    "rejected_input_ids": input_ids[B:], "rejected_attention_mask": attention_mask[B:]})
+    row_len = c_len + r_len - shared
+    L = int(row_len.max().clamp(min=1))
+    j = torch.arange(L, device=input_ids.device).unsqueeze(0)  # [1, L] column in the shared row
+    in_chosen = j < c_len.unsqueeze(1)
+    source = torch.where(in_chosen, j, j - c_len.unsqueeze(1) + shared.unsqueeze(1))  # column in its own row
+    real = j < row_len.unsqueeze(1)
+    source = torch.where(real, source, torch.zeros_like(source)).clamp(max=input_ids.shape[1] - 1)
+    ids = torch.where(in_chosen, input_ids[:B].gather(1, source), input_ids[B:].gather(1, source))
+    ids = torch.where(real, ids, torch.zeros_like(ids))
+    return ids, source, real, shared, c_len, row_len
+
+
+def _pair_packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int, config):
+    """The prefix-shared rows of `_shared_rows` packed into ONE row with no padding: input ids [1, L] and
+    own-row position ids [1, L] (L = sum of c + r - s), and the `PairSegments` that tell the ``sdpa_pairs``
+    attention where each pair sits (no mask tensor over the row). Returns (forward kwargs, shared [B],
+    chosen lengths [B], pair offsets [B])."""
+    ids, source, real, shared, c_len, row_len = _shared_rows(input_ids, attention_mask, n_chosen)
+    r_len = attention_mask[n_chosen:].sum(-1)
+    segments = PairSegments(c_len.tolist(), shared.tolist(), r_len.tolist(), attention_windows(config),
+                            getattr(config, "layer_types", None) or None)
+    offsets = torch.tensor(segments.offsets, device=input_ids.device)
+    kwargs = dict(input_ids=ids[real].unsqueeze(0), position_ids=source[real].unsqueeze(0), attention_mask=None,
+                  pair_segments=segments)
+    return kwargs, shared, c_len, offsets
 
 
 def _prefix_shared_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int, config):
@@ -271,18 +313,9 @@ def _prefix_shared_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     types the mask is a dict keyed by type, as the model's forward accepts. Padding sits at the end of a
     row; its queries see what is before them (no empty softmax row)."""
     B = n_chosen
-    c_len, r_len = attention_mask[:B].sum(-1), attention_mask[B:].sum(-1)
-    shared = shared_prefix_lengths({"chosen_input_ids": input_ids[:B], "chosen_attention_mask": attention_mask[:B],
-                                    "rejected_input_ids": input_ids[B:], "rejected_attention_mask": attention_mask[B:]})
-    row_len = c_len + r_len - shared
-    L = int(row_len.max().clamp(min=1))
+    ids, source, real, shared, c_len, row_len = _shared_rows(input_ids, attention_mask, n_chosen)
+    L = ids.shape[1]
     j = torch.arange(L, device=input_ids.device).unsqueeze(0)  # [1, L] column in the shared row
-    in_chosen = j < c_len.unsqueeze(1)
-    source = torch.where(in_chosen, j, j - c_len.unsqueeze(1) + shared.unsqueeze(1))  # column in its own row
-    real = j < row_len.unsqueeze(1)
-    source = torch.where(real, source, torch.zeros_like(source)).clamp(max=input_ids.shape[1] - 1)
-    ids = torch.where(in_chosen, input_ids[:B].gather(1, source), input_ids[B:].gather(1, source))
-    ids = torch.where(real, ids, torch.zeros_like(ids))
     query, key = j.unsqueeze(2), j.unsqueeze(1)  # [1, L, 1], [1, 1, L]
     c, s = c_len.view(B, 1, 1), shared.view(B, 1, 1)
     hidden_from_rejected = (query >= c) & (query < row_len.view(B, 1, 1)) & (key >= s) & (key < c)
@@ -334,7 +367,8 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 
 def _chunk_logps(head: torch.nn.Module, transform, wpo: bool, hidden: torch.Tensor, targets: torch.Tensor):
     """Log-probs of `targets` [n] given final hidden states [n, H]; float32 [n] (and, with wpo, the
-    detached logsumexp_v(2 * logp_v) [n] of TRL's WPO weight)."""
+    detached logsumexp_v(2 * logp_v) [n] of TRL's WPO weight). Any head (LoRA on it, a logit transform);
+    run under checkpoint, so autograd keeps about three to four [n, V] buffers in its backward."""
     logits = _upcast(head(hidden))
     if transform is not None:
         logits = transform(logits)
@@ -345,6 +379,71 @@ def _chunk_logps(head: torch.nn.Module, transform, wpo: bool, hidden: torch.Tens
     with torch.no_grad():
         adjust = torch.logsumexp(2.0 * (logits - lse.unsqueeze(-1)), dim=-1)
     return token_logps, adjust
+
+
+class _LinearHeadLogps(torch.autograd.Function):
+    """log p(target) [n] through a plain linear head, holding one float32 [n, V] buffer at a time.
+
+    Forward keeps only the hidden states and the logsumexp; backward recomputes the logits and turns them
+    into d loss / d logits = g (onehot - softmax) in place, then the two matmuls. Autograd's version of the
+    same (checkpointed `_chunk_logps`) keeps the logits, their exp, the softmax and the scattered one-hot
+    alive together. Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = torch.nn.functional.linear(hidden, weight, bias)  # autocast applies here, as in the head
+        ctx.compute_dtype = logits.dtype
+        logits = _upcast(logits)
+        target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        top = logits.amax(-1)
+        lse = logits.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_().add_(top)  # in place: no second buffer
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return target - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        logits = _upcast(torch.nn.functional.linear(h, w, None if bias is None else bias.to(dtype)))
+        g = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.to(logits.dtype).unsqueeze(-1))  # -g softmax
+        g.scatter_add_(-1, targets.unsqueeze(-1), grad.to(g.dtype).unsqueeze(-1))  # + g onehot
+        g = g.to(dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = (g @ w).to(hidden.dtype) if need_h else None
+        grad_w = (g.t() @ h).to(weight.dtype) if need_w else None
+        grad_b = g.sum(0).to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None
+
+
+def _fused_head(head: torch.nn.Module, transform) -> bool:
+    """Whether `_LinearHeadLogps` can stand in for calling the head: a plain ``nn.Linear`` (tied or not)
+    that no hook wraps (device-map / offload, DeepSpeed ZeRO-3's gather), with no logit transform after it.
+    Anything else (LoRA on the head, a soft-cap) runs the head module itself under checkpoint."""
+    weight = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and transform is None and weight is not None
+            and not hasattr(weight, "ds_id") and not hasattr(head, "_hf_hook")
+            and not head._forward_hooks and not head._forward_pre_hooks)
+
+
+# Float32 [positions, V] buffers one LM-head chunk holds at its peak, which size the chunks. `_LinearHeadLogps`:
+# the logits, or in backward the gradient made from them in place, plus a bf16 copy under autocast (measured
+# 1.1 buffers in float32). The checkpointed autograd chunk of any other head: measured 5 (logits, their exp,
+# the softmax, the scattered one-hot and the sum of the two gradients), 7 with a soft-cap's tanh on top.
+HEAD_CHUNK_BUFFERS = 2
+GENERIC_CHUNK_BUFFERS = 7
+
+
+def head_chunk_positions(vocab_size: int, chunk_size: int = 256, chunk_mb: Optional[float] = 64.0,
+                         buffers: int = HEAD_CHUNK_BUFFERS) -> int:
+    """Label positions per LM-head chunk: ``chunk_size`` at most, and as many as keep the chunk's transient
+    (``buffers`` float32 [positions, V] buffers) within ``chunk_mb`` MiB, so the peak stays the same whatever
+    the vocabulary (fused head, 64 MiB: SmolLM2's 49k vocabulary 170 positions; 131k: 64; 256k: 32).
+    ``chunk_mb`` None: ``chunk_size`` alone."""
+    if chunk_mb is None:
+        return chunk_size
+    per_position = buffers * 4 * max(int(vocab_size), 1)
+    return max(1, min(chunk_size, int(chunk_mb * 2 ** 20) // per_position))
 
 
 def _synced_chunk_count(head: torch.nn.Module, n_chunks: int) -> int:
@@ -358,18 +457,28 @@ def _synced_chunk_count(head: torch.nn.Module, n_chunks: int) -> int:
     return int(count.item())
 
 
-def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
-    """Chunked `_chunk_logps` over [N, H]; each chunk is checkpointed so its [chunk, V] logits are
-    recomputed in backward instead of kept."""
+def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab):
+    """Chunked log-probs over [N, H]: a plain linear head through `_LinearHeadLogps` (one buffer), any other
+    under checkpointed `_chunk_logps` (its [chunk, V] logits recomputed in backward instead of kept); each
+    chunk as many positions as `head_chunk_positions` allows for the vocabulary and the path."""
     outs = []
+    fused = _fused_head(head, transform)
+    chunk_size = head_chunk_positions(vocab, chunk_size, chunk_mb, HEAD_CHUNK_BUFFERS if fused else GENERIC_CHUNK_BUFFERS)
     n_chunks = _synced_chunk_count(head, max(math.ceil(hidden.shape[0] / chunk_size), 1))
     for i in range(n_chunks):  # an empty chunk (no label left) gives zeros, still in the graph
         start = i * chunk_size
-        args = (head, transform, wpo, hidden[start:start + chunk_size], targets[start:start + chunk_size])
-        if torch.is_grad_enabled():
-            outs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if fused:
+            token = _LinearHeadLogps.apply(h, head.weight, head.bias, t)
+            if wpo:  # detached: one more forward of the chunk, no graph
+                with torch.no_grad():
+                    outs.append((token, _chunk_logps(head, None, True, h, t)[1]))
+            else:
+                outs.append(token)
+        elif torch.is_grad_enabled():
+            outs.append(checkpoint(_chunk_logps, head, transform, wpo, h, t, use_reentrant=False))
         else:
-            outs.append(_chunk_logps(*args))
+            outs.append(_chunk_logps(head, transform, wpo, h, t))
     if wpo:
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     return torch.cat(outs), None
@@ -377,22 +486,26 @@ def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size):
 
 # ------------------------------------------------------------------------------------------ public
 
-def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 256, wpo: bool = False,
-                       naive: bool = False, packing: bool = False, prefix_sharing: bool = False,
+def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 256,
+                       chunk_mb: Optional[float] = 64.0, wpo: bool = False, naive: bool = False,
+                       packing: bool = False, prefix_sharing: bool = False, pack_pairs: bool = False,
                        router_aux: bool = False) -> dict:
     """Summed log-probs of the label tokens of every chosen and rejected row, from one forward pass.
 
     Args:
         model: an HF causal LM or a peft model around one (LoRA; the LM head may carry LoRA or be tied).
         batch: the collator's dict (see module docstring); without ``rejected_*`` keys only chosen is done.
-        chunk_size: label positions per LM-head chunk on the lean path (peak extra memory ~ chunk_size * V * 4 B
-            for the float32 logits, plus their softmax in backward).
+        chunk_size: label positions per LM-head chunk on the lean path, at most.
+        chunk_mb: memory budget (MiB) of one LM-head chunk's transient; fewer positions per chunk where the
+            vocabulary is larger (`head_chunk_positions`), so the peak does not grow with V. None: chunk_size alone.
         wpo: also return TRL's WPO per-sequence terms (detached).
         naive: full [R, T, V] logits -> float32 log_softmax -> gather (the model's own forward); False runs
             the lean path as given, unchecked (`PreferenceLogpsModel` / `concatenated_forward` check it).
         packing: run the decoder on the real tokens only, packed into one row (padding-free).
         prefix_sharing: run each pair's common prefix once (one row per pair, custom 4D mask; see module
             docstring). Exclusive with packing; a no-op without rejected rows.
+        pack_pairs: with prefix_sharing, the pairs' rows packed into one row with no padding, attention run per
+            pair by ``sdpa_pairs`` (attention.py; the model's SDPA is switched to it), no [rows, 1, T, T] mask.
         router_aux: on an MoE model, also return ``aux_loss`` (the router load-balancing loss over the
             tokens of the stacked rows, as the model's own forward computes it) and ``aux_loss_coef``.
 
@@ -416,6 +529,10 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     if prefix_sharing:
         resolve_prefix_sharing(config, True, packing)  # one-line error where it cannot run
         prefix_sharing = input_ids.shape[0] > n_chosen  # nothing to share without rejected rows
+    pack_pairs = bool(pack_pairs and prefix_sharing)
+    if pack_pairs and not use_pair_attention(config):
+        raise ValueError(f"pack_pairs runs on SDPA attention; the model uses '{config._attn_implementation}'; "
+                         f"set pack_pairs=False")
     aux_spec = router_aux_spec(_unwrap(_unwrap_for_config(model)) if naive else hf_model) if router_aux else None
     if aux_spec and naive and prefix_sharing:
         raise ValueError("the full-logits path of an MoE model computes its router loss on stacked rows; "
@@ -436,6 +553,15 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         packed_ids, position_ids = _packed_inputs(input_ids, attention_mask)
         forward_kwargs = dict(input_ids=packed_ids, position_ids=position_ids, attention_mask=None)
         token_weight = torch.ones_like(packed_ids)
+    elif pack_pairs:  # as below, each pair's row starting at its offset in the one packed row
+        forward_kwargs, shared, c_len, offsets = _pair_packed_inputs(input_ids, attention_mask, n_chosen, config)
+        segments = forward_kwargs["pair_segments"]
+        pair = rows % n_chosen
+        moved = (rows >= n_chosen) & (cols >= shared[pair])
+        flat_pos = offsets[pair] + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
+        lengths = torch.tensor(segments.lengths, device=shared.device)
+        column = torch.arange(segments.total, device=shared.device) - torch.repeat_interleave(offsets, lengths)
+        token_weight = (1 + (column < torch.repeat_interleave(shared, lengths)).long()).unsqueeze(0)
     elif prefix_sharing:  # chosen rows keep their columns; rejected columns past the shared prefix move
         forward_kwargs, shared, c_len, L = _prefix_shared_inputs(input_ids, attention_mask, n_chosen, config)
         pair = rows % n_chosen
@@ -451,8 +577,10 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         forward_kwargs["output_router_logits"] = True
 
     wpo_adjust = None
+    no_masks = skip_masks() if pack_pairs else contextlib.nullcontext()  # the pairs' attention needs none
     if naive:
-        outputs = model(**forward_kwargs, use_cache=False)
+        with no_masks:
+            outputs = model(**forward_kwargs, use_cache=False)
         logits = outputs.logits  # [R, T, V] or [1, L, V]
         logps = torch.log_softmax(_upcast(logits), dim=-1).flatten(0, 1)[flat_pos]  # [N, V]
         token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -461,10 +589,12 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
                 wpo_adjust = torch.logsumexp(2.0 * logps, dim=-1)
     else:
         transform = _logit_transform(config)
-        outputs = hf_model.get_decoder()(**forward_kwargs, use_cache=False)
+        with no_masks:
+            outputs = hf_model.get_decoder()(**forward_kwargs, use_cache=False)
         hidden = outputs.last_hidden_state.flatten(0, 1)[flat_pos]  # post final norm; [N, H]
-        token_logps, wpo_adjust = _lean_token_logps(hf_model.get_output_embeddings(), transform, wpo,
-                                                    hidden, targets, chunk_size)
+        head = hf_model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or config.vocab_size
+        token_logps, wpo_adjust = _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab)
 
     device = token_logps.device
     sums = torch.zeros(R, dtype=token_logps.dtype, device=device).index_add_(0, rows, token_logps)
@@ -537,10 +667,13 @@ class PathDecision:
         self.sharing: Optional[bool] = None
         self.sharing_diff: Optional[float] = None  # prefix-shared vs stacked rows (relative)
         self.sharing_reason = "not checked yet"
+        self.pack_pairs: bool = False  # with sharing: the pairs packed into one row (else one padded row per pair)
+        self.layout_text = ""  # with sharing: how the pairs reach the decoder (the start-up line names it)
 
 
 def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefix_sharing: Optional[bool] = None,
-               packing: bool = False, chunk_size: int = 256) -> PathDecision:
+               packing: bool = False, chunk_size: int = 256, chunk_mb: Optional[float] = 64.0,
+               pack_pairs: Optional[bool] = None) -> PathDecision:
     """Settle the log-prob path and the layout on a probe batch (a couple of real pairs), without gradients.
 
     path "auto": lean where its log-probs equal those of the model's own forward (full logits ->
@@ -548,6 +681,8 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
     "full" skips the check. prefix_sharing None (auto): on where the config allows it and the shared layout
     gives the stacked rows' log-probs on the probe (a family whose attention ignores a 4D mask or position
     ids fails here, or raises, and gets stacked rows); True raises one line where it does not; False: off.
+    With sharing on, ``pack_pairs`` None (auto) tries the fastest exact layout first: the pairs packed into one
+    row (SDPA models; `attention.py`), then one padded row per pair; True requires the packed one; False skips it.
     """
     if path not in ("auto", "lean", "full"):
         raise ValueError(f"logps path must be auto, lean or full; got '{path}'")
@@ -570,7 +705,7 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
             elif problem:
                 decision.path, decision.path_reason = "full", f"cannot run: {problem}"
             else:
-                lean = concatenated_logps(model, probe, chunk_size=chunk_size, packing=packing)
+                lean = concatenated_logps(model, probe, chunk_size=chunk_size, chunk_mb=chunk_mb, packing=packing)
                 decision.path_diff = relative_difference(lean, full)
                 ok = _agree_across_processes(decision.path_diff <= rtol)
                 decision.path = "lean" if ok else "full"
@@ -594,21 +729,51 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
                 decision.sharing, decision.sharing_reason = static_sharing, "no rejected rows in the probe to check"
             else:
                 stacked = full if naive else lean
-                try:
-                    shared = concatenated_logps(model, probe, chunk_size=chunk_size, naive=naive, prefix_sharing=True)
-                    decision.sharing_diff = relative_difference(shared, stacked)
-                    ok = decision.sharing_diff <= rtol
-                    reason = (f"the shared layout differs from stacked rows by {decision.sharing_diff:.1e} "
-                              f"relative (the family's attention does not follow the 4D mask or position ids)")
-                except Exception as e:  # e.g. ALiBi built from a 2D mask
-                    ok, reason = False, f"the family's forward refuses a 4D mask ({type(e).__name__}: {str(e)[:120]})"
-                ok = _agree_across_processes(ok)
+
+                def attempt(pack: bool) -> tuple[bool, str]:
+                    try:
+                        shared = concatenated_logps(model, probe, chunk_size=chunk_size, chunk_mb=chunk_mb, naive=naive,
+                                                    prefix_sharing=True, pack_pairs=pack)
+                        decision.sharing_diff = relative_difference(shared, stacked)
+                        ok = decision.sharing_diff <= rtol
+                        reason = (f"the shared layout differs from stacked rows by {decision.sharing_diff:.1e} "
+                                  f"relative (the family's attention does not follow the "
+                                  f"{'per-pair attention' if pack else '4D mask'} or position ids)")
+                    except Exception as e:  # e.g. ALiBi built from a 2D mask
+                        ok, reason = False, (f"the family's forward refuses "
+                                             f"{'the packed pairs' if pack else 'a 4D mask'} ({type(e).__name__}: {str(e)[:120]})")
+                    return _agree_across_processes(ok), reason
+
+                impl = getattr(config, "_attn_implementation", None)
+                ok, reason = False, "not tried"
+                if pack_pairs is not False and impl in ("sdpa", PAIR_ATTENTION):  # fastest first: no padding, no mask
+                    ok, reason = attempt(True)
+                    decision.pack_pairs = ok
+                    if not ok:
+                        config._attn_implementation = impl  # back to what the model had
+                elif pack_pairs is True:
+                    raise ValueError(f"train.pack_pairs: true runs on SDPA attention; model type '{family}' uses "
+                                     f"'{impl}'; set train.pack_pairs: null or false")
+                if not ok and pack_pairs is not True:
+                    ok, reason = attempt(False)
+                    decision.pack_pairs = False
                 decision.sharing = ok
                 windows = attention_windows(config)
                 sliding = {t: w for t, w in windows.items() if w is not None}
+                if ok and decision.pack_pairs:
+                    from dpo_accel.attention import flex_available
+
+                    kernel = "FlexAttention block mask" if flex_available(probe["chosen_input_ids"].device) else \
+                        "SDPA per pair, no mask over the row"
+                    decision.layout_text = f"pairs packed into one row ({kernel})"
+                elif ok:
+                    decision.layout_text = "one padded row per pair (4D mask)"
                 decision.sharing_reason = (("exact" + (f", sliding window {', '.join(str(w) for w in sliding.values())} "
-                                                        f"in its own-row positions" if sliding else ""))
+                                                       f"in its own-row positions" if sliding else ""))
                                            if ok else reason)
+                if pack_pairs is True and not decision.pack_pairs:
+                    raise ValueError(f"train.pack_pairs: true, but for model type '{family}' {reason}; "
+                                     f"set train.pack_pairs: null or false")
                 if prefix_sharing is True and not ok:
                     raise ValueError(f"train.prefix_sharing: true, but for model type '{family}' {reason}; "
                                      f"set train.prefix_sharing: null or false")
@@ -631,7 +796,8 @@ def decision_line(decision: PathDecision, hf_model: torch.nn.Module) -> str:
         path = (f"log-probs: full logits for model type '{family}' ({decision.path_reason}; costs about "
                 f"{cost} per 1k tokens of the batch, vocab {vocab})")
     sharing = "on" if decision.sharing else "off"
-    return f"{path} | prefix sharing {sharing}: {decision.sharing_reason}"
+    layout = f"; {decision.layout_text}" if decision.sharing and decision.layout_text else ""
+    return f"{path} | prefix sharing {sharing}: {decision.sharing_reason}{layout}"
 
 
 class PreferenceLogpsModel(torch.nn.Module):
@@ -642,15 +808,16 @@ class PreferenceLogpsModel(torch.nn.Module):
     gathering of the root unit (FSDP) cover the head too. ``.model`` is the wrapped HF model (save and
     merge through it); the options are plain attributes and may be changed between calls.
 
-    ``logps_path`` ("auto", "lean", "full"; ``naive=True`` is "full") and ``prefix_sharing`` (None = auto)
-    are settled by `settle_logps_path` on a probe batch before training, or else on the first batch this
+    ``logps_path`` ("auto", "lean", "full"; ``naive=True`` is "full"), ``prefix_sharing`` and ``pack_pairs``
+    (None = auto: the pairs packed into one row where exact, else one padded row per pair) are settled by `settle_logps_path` on a probe batch before training, or else on the first batch this
     module sees (its first two pairs). On an MoE model (``router_aux`` None = auto) the output gains
     ``aux_loss`` / ``aux_loss_coef`` whenever gradients are on, so a reference forward never computes it.
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 256, wpo: bool = False,
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 256, chunk_mb: Optional[float] = 64.0,
+                 wpo: bool = False,
                  naive: bool = False, packing: bool = False, prefix_sharing: Optional[bool] = False,
-                 logps_path: str = "auto", router_aux: Optional[bool] = None):
+                 pack_pairs: Optional[bool] = None, logps_path: str = "auto", router_aux: Optional[bool] = None):
         super().__init__()
         if logps_path not in ("auto", "lean", "full"):
             raise ValueError(f"logps_path must be auto, lean or full; got '{logps_path}'")
@@ -660,17 +827,22 @@ class PreferenceLogpsModel(torch.nn.Module):
             _check_packing(config)
         self.model = model
         self.chunk_size = chunk_size
+        self.chunk_mb = chunk_mb
         self.wpo = wpo
         self.packing = packing
         self.requested_path = "full" if naive else logps_path
         self.requested_sharing = prefix_sharing
         self.prefix_sharing = resolve_prefix_sharing(config, prefix_sharing, packing)  # until the self-check
+        self.requested_pack = pack_pairs
+        self.pack_pairs = (self.prefix_sharing and pack_pairs is not False
+                           and getattr(config, "_attn_implementation", None) in ("sdpa", PAIR_ATTENTION))
         self.router_aux = router_aux_spec(hf_model) is not None if router_aux is None else router_aux
         self.decision: Optional[PathDecision] = None
         if self.requested_path == "full" and prefix_sharing is not None:  # nothing left to check
             self.decision = PathDecision()
             self.decision.path, self.decision.path_reason = "full", "requested"
             self.decision.sharing = self.prefix_sharing
+            self.decision.pack_pairs = self.pack_pairs
             self.decision.sharing_reason = "requested" if self.prefix_sharing else "off as requested"
 
     @property
@@ -680,8 +852,13 @@ class PreferenceLogpsModel(torch.nn.Module):
 
     @property
     def layout(self) -> str:
-        """How the decoder sees a batch: "packed", "shared" (prefix sharing) or "concat" (see processed_tokens)."""
-        return "packed" if self.packing else "shared" if self.prefix_sharing else "concat"
+        """How the decoder sees a batch: "packed", "packed_shared" (prefix sharing, pairs packed into one row),
+        "shared" (prefix sharing, a padded row per pair) or "concat" (see processed_tokens)."""
+        if self.packing:
+            return "packed"
+        if self.prefix_sharing:
+            return "packed_shared" if self.pack_pairs else "shared"
+        return "concat"
 
     @property
     def layout_reason(self) -> str:
@@ -694,17 +871,18 @@ class PreferenceLogpsModel(torch.nn.Module):
         """Run the self-check on ``probe`` and adopt its path and layout."""
         self.decision = self_check(self.model, _probe(probe, self.model), path=self.requested_path,
                                    prefix_sharing=self.requested_sharing, packing=self.packing,
-                                   chunk_size=self.chunk_size)
+                                   chunk_size=self.chunk_size, chunk_mb=self.chunk_mb, pack_pairs=self.requested_pack)
         self.prefix_sharing = bool(self.decision.sharing)
+        self.pack_pairs = self.prefix_sharing and self.decision.pack_pairs
         return self.decision
 
     def forward(self, **batch) -> dict:
         """``module(**batch)`` -> the dict of `concatenated_logps`; keys outside the contract are ignored."""
         if self.decision is None:
             self.settle(batch)
-        return concatenated_logps(self.model, batch, chunk_size=self.chunk_size, wpo=self.wpo,
+        return concatenated_logps(self.model, batch, chunk_size=self.chunk_size, chunk_mb=self.chunk_mb, wpo=self.wpo,
                                   naive=self.naive, packing=self.packing, prefix_sharing=self.prefix_sharing,
-                                  router_aux=self.router_aux and torch.is_grad_enabled())
+                                  pack_pairs=self.pack_pairs, router_aux=self.router_aux and torch.is_grad_enabled())
 
 
 def settle_logps_path(module: PreferenceLogpsModel, probe_batch: dict, requested: str = "auto") -> str:
@@ -746,6 +924,7 @@ def concatenated_forward(model: torch.nn.Module, batch: dict, average_log_prob: 
             opts.setdefault("naive", decision.path == "full")
             if auto_sharing:
                 opts["prefix_sharing"] = bool(decision.sharing) and not opts.get("packing", False)
+                opts.setdefault("pack_pairs", decision.pack_pairs)
         out = concatenated_logps(model, batch, **opts)
     chosen, rejected = out["chosen_logps"], out.get("rejected_logps")
     if average_log_prob:

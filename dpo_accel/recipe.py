@@ -122,11 +122,19 @@ class TrainConfig:
     save_total_limit: int = 2  # checkpoints kept
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers through Accelerate
     export_merged: bool = True  # with LoRA: also save the merged full model at the end
-    logps_chunk_size: int = 256  # label positions per LM-head chunk (the [2B, T, V] logits never exist)
+    logps_chunk_size: int = 256  # label positions per LM-head chunk at most (the [2B, T, V] logits never exist)
+    # MiB one LM-head chunk may hold at its peak (about two float32 [chunk, V] buffers): fewer positions per chunk
+    # for a larger vocabulary, so the transient does not grow with V (49k: 170 positions; 131k: 64); null: the
+    # chunk is logps_chunk_size positions whatever V
+    logps_chunk_mb: Optional[float] = 64.0
     padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
     prefix_sharing: Optional[bool] = None  # run each pair's common prefix (the prompt) once, exactly: one row per
     # pair with a custom 4D mask (per-layer sliding windows kept); null (auto): on where sdpa/eager attention takes
     # the mask and the start-up self-check finds it equal to stacked rows; true: required (one-line error if not)
+    # with prefix sharing, the pairs packed into ONE row with no padding and no [rows, 1, T, T] mask, attention run
+    # per pair (SDPA per pair on CPU, a FlexAttention block mask on CUDA; SDPA models); null (auto): where the self-check
+    # finds it exact, else one padded row per pair; true: required; false: padded rows
+    pack_pairs: Optional[bool] = None
     # auto: memory-lean log-probs (decoder body -> chunked LM head) where the start-up self-check finds them equal to
     # the model's own logits (1e-4 relative), else the full [rows, T, V] logits; lean: required (one-line error if
     # the check fails); full: always the model's own forward (more memory)
@@ -304,6 +312,12 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError(f"train.{key} must be at least 1, got {getattr(t, key)}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         raise RecipeError("set train.max_steps > 0 or train.num_train_epochs > 0")
+    if t.logps_chunk_size < 1 or (t.logps_chunk_mb is not None and t.logps_chunk_mb <= 0):
+        raise RecipeError(f"train.logps_chunk_size must be >= 1 and train.logps_chunk_mb > 0 (or null); got "
+                          f"{t.logps_chunk_size} and {t.logps_chunk_mb}")
+    if t.pack_pairs and t.prefix_sharing is False:
+        raise RecipeError("train.pack_pairs packs prefix-shared pairs; set train.prefix_sharing: null or true, "
+                          "or train.pack_pairs: null")
     if t.padding_free and t.prefix_sharing is True:
         raise RecipeError("train.padding_free and train.prefix_sharing are exclusive; set one of them to false")
     if not 0.0 <= t.warmup_ratio < 1.0:

@@ -252,7 +252,9 @@ def setup(plan: Plan) -> Session:
     tokenizer = load_tokenizer(recipe.model, model_path)
     raw, tokenized, stats = build_data(accelerator, recipe, tokenizer)
     model = PreferenceLogpsModel(load_policy(recipe.model, recipe.lora, model_path), chunk_size=t.logps_chunk_size,
-                                 wpo=plan.objective.wpo, packing=t.padding_free, prefix_sharing=t.prefix_sharing)
+                                 chunk_mb=t.logps_chunk_mb,
+                                 wpo=plan.objective.wpo, packing=t.padding_free, prefix_sharing=t.prefix_sharing,
+                                 pack_pairs=t.pack_pairs)
     plan = settle(plan, accelerator, model, tokenized, tokenizer)
     train_loader, eval_loader, sampler, collator = build_loaders(plan, tokenized, tokenizer)
     g = plan.geometry
