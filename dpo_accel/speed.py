@@ -144,7 +144,7 @@ def _worst_case_rows(dataset, n: int, layout: str = "concat") -> list:
     split is smaller."""
     from dpo_accel.data import sequence_lengths
 
-    lengths = sequence_lengths(dataset, layout)
+    lengths = sequence_lengths(dataset, "shared" if layout == "packed_shared" else layout)  # c + r - s per pair
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [dataset[int(order[i % len(order)])] for i in range(n)]
 
