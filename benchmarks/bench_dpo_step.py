@@ -3,6 +3,7 @@
     python -m benchmarks.bench_dpo_step                  # SmolLM2-135M-Instruct, LoRA r=16 all-linear, 4 pairs, max_length 512
     python -m benchmarks.bench_dpo_step --steps 5 --configs naive,default,fastest_bf16,packed,trl
     python -m benchmarks.bench_dpo_step --quick          # tiny random model, seconds (the CI smoke test)
+    python -m benchmarks.bench_dpo_step --repeats 3 --sweep 512,2048,4096   # medians of 3 rounds + the length sweep
     PYTHONPATH=/path/to/trl python -m benchmarks.bench_dpo_step   # adds the TRL DPOTrainer rows
 
 Every configuration runs in its own subprocess (``--no-subprocess`` to share one), so each peak memory
@@ -12,9 +13,11 @@ optional ones):
     naive             two separate forwards (chosen, rejected) through the full [B, T, V] logits, float32
                       log_softmax, random batches; the reference the same with the LoRA adapter switched off
     default           dpo_accel's recipe defaults, which are also its fastest float32 configuration: one
-                      forward per batch with prefix sharing (each pair's prompt run once: one row
-                      [prompt | chosen answer | rejected answer] with a mask that keeps the answers apart),
-                      LM head on label positions only in 256-position chunks, length-grouped batches
+                      forward per batch with prefix sharing (each pair's prompt run once: a segment
+                      [prompt | chosen answer | rejected answer] whose rejected answer does not see the chosen
+                      one), the pairs packed into one row with no padding and attention run per pair (no mask
+                      over the row), LM head on label positions only in chunks sized by the vocabulary (64 MiB,
+                      at most 256 positions), length-grouped batches
     fastest_bf16      + bf16 weights (model.dtype bfloat16; LoRA stays float32) and bf16 autocast
     leanest           + gradient checkpointing (non-reentrant), 128-position chunks, bf16 weights + autocast
     default_pre, fastest_bf16_pre
@@ -24,6 +27,8 @@ optional ones):
     unshared, unshared_bf16
                       default / fastest_bf16 with prefix_sharing off: chosen and rejected rows stacked
                       [2B, T], the original DPO trainer's layout (what prefix sharing gains, same run)
+    padded_shared     default with one padded row per pair and a [B, 1, L, L] mask (train.pack_pairs: false),
+                      the layout before packed pairs
     trl               TRL DPOTrainer with DPOConfig's defaults (gradient checkpointing on, bf16 on) on the same
                       model, LoRA, pairs and batches (only when `trl` is importable; skipped otherwise)
     optional          default_bf16 (autocast over float32 weights), chunk1024 (the LM head in 1024-position
@@ -31,7 +36,16 @@ optional ones):
                       block-diagonal attention costs more than length grouping's little padding), leanest_fp32,
                       compile, compile_bf16 (torch.compile/inductor of the decoder; the warm-up step
                       compiles, minutes on 2 cores),
-                      trl_fp32 (bf16=False), trl_no_gc (gradient_checkpointing=False)
+                      ckpt_fp32 (default + gradient checkpointing), trl_fp32 (bf16=False),
+                      trl_no_gc (gradient_checkpointing=False)
+
+Repeats (``--repeats N``): every row runs once per round, TRL last (A B .. T A B .. T), N rounds; each row
+reports the median of its rounds and the spread (max - min) / median, and its ratios to TRL come with the
+range of the per-round ratios. Length sweep (``--sweep 512,2048,4096``): prompt-heavy pairs (about 65%
+prompt, lengths within a few percent of the target) of about that many real tokens per pair (chosen +
+rejected rows), ``--sweep-batch`` pairs per step, rows ``--sweep-configs``; it prints the scaling table and,
+per row, how step time and peak memory grow with length and the memory per extra 1k tokens between
+successive lengths (equal numbers: linear in tokens).
 
 Data: deterministic preference pairs of real English prose, the Python reference manual shipped with
 CPython (pydoc_data.topics): a passage as the prompt, its true continuation as chosen, another passage
@@ -90,6 +104,8 @@ CONFIGS = {
     "fastest_bf16_pre": dict(kind="ours", label="fastest bf16, reference precomputed", bf16=True,
                              bf16_weights=True, precomputed=True),
     "unshared": dict(kind="ours", label="default without prefix sharing (stacked [2B, T] rows)", prefix_sharing=False),
+    "padded_shared": dict(kind="ours", label="default with a padded row per pair (4D mask) instead of packed pairs",
+                          pack_pairs=False),
     "unshared_bf16": dict(kind="ours", label="fastest bf16 without prefix sharing", bf16=True, bf16_weights=True,
                           prefix_sharing=False),
     "trl": dict(kind="trl", label="TRL 1.16 DPOTrainer defaults (grad ckpt, bf16)"),
@@ -100,6 +116,8 @@ CONFIGS = {
     "packed_bf16": dict(kind="ours", label="dpo_accel default + packing + bf16 autocast", packing=True, bf16=True),
     "leanest_fp32": dict(kind="ours", label="dpo_accel grad ckpt + chunk 128, float32", gradient_checkpointing=True,
                          chunk_size=128),
+    "ckpt_fp32": dict(kind="ours", label="dpo_accel default + gradient checkpointing (float32)",
+                      gradient_checkpointing=True),
     "compile": dict(kind="ours", label="dpo_accel default + torch.compile (inductor)", compile=True),
     "compile_bf16": dict(kind="ours", label="dpo_accel fastest bf16 + torch.compile (inductor)", compile=True,
                          bf16=True, bf16_weights=True),
@@ -177,7 +195,7 @@ def build_pairs(setup: Setup, tokenizer) -> list[dict]:
         n_prompt = _lognormal_words(rng, setup.prompt_words)
         start = rng.randrange(len(words) - 2000)
         while True:
-            prompt = "Continue this passage from the Python documentation:\n\n" + " ".join(words[start:start + n_prompt])
+            prompt = INSTRUCTION + " ".join(words[start:start + n_prompt])
             if n_prompt <= 1 or render(prompt) <= setup.max_prompt_length:
                 break
             n_prompt = int(n_prompt * 0.9)
@@ -233,7 +251,8 @@ def selected_batches(setup: Setup, dataset, grouped: bool, how: str, pad_token_i
     from dpo_accel.data import LengthGroupedSampler, sequence_lengths
 
     if grouped:
-        sampler = LengthGroupedSampler(sequence_lengths(dataset, how), setup.batch_size, seed=setup.seed)
+        by = "shared" if how == "packed_shared" else how  # a pair's c + r - s either way
+        sampler = LengthGroupedSampler(sequence_lengths(dataset, by), setup.batch_size, seed=setup.seed)
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(setup.seed))
     order = list(sampler)
@@ -264,7 +283,7 @@ def token_counts(batch: dict, how: str) -> tuple[int, int, int]:
     real = int(cm.sum() + rm.sum())
     if how == "separate":
         return real, real, cm.numel() + rm.numel()
-    unique = real - int(shared_prefix_lengths(batch).sum()) if how == "shared" else real
+    unique = real - int(shared_prefix_lengths(batch).sum()) if how in ("shared", "packed_shared") else real
     return real, unique, processed_tokens(batch, how)
 
 
@@ -308,6 +327,7 @@ def recipe_for(setup: Setup, cfg: dict):
         "train": {"per_device_train_batch_size": setup.batch_size, "learning_rate": 5e-6,
                   "logps_chunk_size": int(cfg.get("chunk_size", 256)), "padding_free": bool(cfg.get("packing")),
                   "prefix_sharing": cfg.get("prefix_sharing"),  # None: the recipe default (auto)
+                  "pack_pairs": cfg.get("pack_pairs"),
                   "mixed_precision": "bf16" if cfg.get("bf16") else "no", "torch_compile": bool(cfg.get("compile"))},
     })
 
@@ -366,8 +386,11 @@ def run_ours(setup: Setup, name: str) -> dict:
     if naive:
         model, how = policy, "separate"
     else:
-        model = PreferenceLogpsModel(policy, chunk_size=recipe.train.logps_chunk_size, packing=recipe.train.padding_free,
-                                     prefix_sharing=recipe.train.prefix_sharing)
+        model = PreferenceLogpsModel(policy, chunk_size=recipe.train.logps_chunk_size, chunk_mb=recipe.train.logps_chunk_mb,
+                                     packing=recipe.train.padding_free, prefix_sharing=recipe.train.prefix_sharing,
+                                     pack_pairs=recipe.train.pack_pairs)
+        first = collate(dataset, list(range(min(2, len(dataset)))), tokenizer.pad_token_id)
+        model.settle(first)  # the start-up self-check (train.py's), so the layout is known before batching
         how = model.layout
         if recipe.train.torch_compile:
             compile_decoder(model)
@@ -390,8 +413,10 @@ def run_ours(setup: Setup, name: str) -> dict:
 
         copy = load_frozen_copy(setup.model_path, recipe.model, None, device)
         module = copy if naive else PreferenceLogpsModel(copy, chunk_size=recipe.train.logps_chunk_size,
+                                                         chunk_mb=recipe.train.logps_chunk_mb,
                                                          packing=recipe.train.padding_free,
-                                                         prefix_sharing=recipe.train.prefix_sharing)
+                                                         prefix_sharing=recipe.train.prefix_sharing,
+                                                         pack_pairs=recipe.train.pack_pairs)
         reference = (lambda b: {k: v.detach() for k, v in naive_logps(module, b).items()}) if naive else \
             CopyReference(module, accelerator.autocast).logps
     prepass = []
@@ -437,7 +462,7 @@ def run_ours(setup: Setup, name: str) -> dict:
     return dict(times=times, cpu=cpu, real=real, unique=unique, processed=processed, losses=losses, peak=peak,
                 mem_kind=mem_kind,
                 n_params=n_params, lora=recipe.lora.use_peft, prepass=prepass, dtype="bfloat16" if cfg.get("bf16") else "float32",
-                device=str(device))
+                device=str(device), layout=how)
 
 
 def run_trl(setup: Setup, name: str) -> dict:
@@ -518,8 +543,9 @@ def run_trl(setup: Setup, name: str) -> dict:
 
 def run_check(setup: Setup, name: str = "check") -> dict:
     """float32, one batch (the naive row's first), LoRA adapter perturbed so policy != reference: the
-    naive path against dpo_accel's layouts (default = prefix sharing, leanest = prefix sharing + gradient
-    checkpointing + 128-position chunks, stacked = [2B, T] rows, packed = padding-free): policy and
+    naive path against dpo_accel's layouts (default = prefix sharing with the pairs packed into one row,
+    leanest = the same + gradient checkpointing + 128-position chunks, padded = prefix sharing with a padded
+    row per pair, stacked = [2B, T] rows, packed = padding-free): policy and
     reference log-probs, loss and LoRA gradients."""
     from dpo_accel.logps import PreferenceLogpsModel
     from dpo_accel.losses import compute_objective
@@ -543,8 +569,9 @@ def run_check(setup: Setup, name: str = "check") -> dict:
     def step(path: str) -> dict:
         if path == "leanest":
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = PreferenceLogpsModel(policy, chunk_size=256 if path in ("default", "stacked") else 128,
-                                      packing=path == "packed", prefix_sharing=path in ("default", "leanest"))
+        module = PreferenceLogpsModel(policy, chunk_size=256 if path in ("default", "stacked", "padded") else 128,
+                                      packing=path == "packed", prefix_sharing=path in ("default", "leanest", "padded"),
+                                      pack_pairs=path != "padded")
         forward = (lambda b: naive_logps(policy, b)) if path == "naive" else (lambda b: module(**b))
         pol = forward(batch)
         with torch.no_grad(), (policy.disable_adapter() if recipe.lora.use_peft else contextlib.nullcontext()):
@@ -560,7 +587,7 @@ def run_check(setup: Setup, name: str = "check") -> dict:
                     reference=torch.cat([ref["chosen_logps"], ref["rejected_logps"]]).detach(),
                     loss=out.loss.detach(), grads=grads)
 
-    paths = ("default", "leanest", "stacked", "packed")
+    paths = ("default", "leanest", "padded", "stacked", "packed")
     results = {path: step(path) for path in ("naive",) + paths}
     naive = results["naive"]
     report = {"logps_magnitude": float(naive["policy"].abs().max()), "tokens": int(batch["chosen_attention_mask"].sum()
@@ -643,68 +670,132 @@ def summarise(name: str, r: dict, roof: dict, warmup: int) -> dict:
 
 
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+MEDIAN_KEYS = ("step_s", "real_tps", "processed_tps", "pad_ratio", "peak_gb", "mfu", "real_per_step", "cpu_s",
+               "prepass_s", "one_epoch_tps")
+
+
+def spread(values: list) -> float:
+    """(max - min) / median: how far the repeats of one number lie apart."""
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid else 0.0
+
+
+def median_row(reps: list[dict], trl_reps: Optional[list[dict]] = None) -> dict:
+    """One row from its repeats (`summarise` of each): the median of every number, the spread of tokens/s and
+    peak memory, and the range of the per-round ratios to TRL (each repeat against the TRL run of its round)."""
+    row = dict(reps[0])
+    for key in MEDIAN_KEYS:
+        row[key] = statistics.median(r[key] for r in reps)
+    row.update(repeats=len(reps), tps_spread=spread([r["real_tps"] for r in reps]),
+               peak_spread=spread([r["peak_gb"] for r in reps]))
+    if trl_reps and row["name"] != "trl":
+        pairs = list(zip(reps, trl_reps))
+        row["tps_vs_trl_range"] = [f(a["real_tps"] / b["real_tps"] for a, b in pairs) for f in (min, max)]
+        row["mem_vs_trl_range"] = [f(a["peak_gb"] / b["peak_gb"] for a, b in pairs) for f in (min, max)]
+    return row
+
+
+def _ratio(r: dict, base: Optional[dict], key: str) -> str:
+    if not base:
+        return "-"
+    text = f"{r[key] / base[key]:.2f}x"
+    span = r.get({"real_tps": "tps_vs_trl_range", "peak_gb": "mem_vs_trl_range"}.get(key, ""))
+    if base["name"] == "trl" and span and r.get("repeats", 1) > 1:
+        text += f" ({span[0]:.2f}-{span[1]:.2f})"
+    return text
 
 
 def format_table(rows: list[dict], roof: dict, shared_process: bool) -> str:
     base_trl = next((r for r in rows if r["name"] == "trl"), None)
     base_naive = next((r for r in rows if r["name"] == "naive"), None)
     mem = "peak GB" if not shared_process else "peak GB (shared process: not per row)"
-    lines = [f"| configuration | step s (median) | CPU s/step | real tok/s | processed tok/s | processed / real | {mem} | MFU "
-             f"| tok/s vs TRL | mem vs TRL | tok/s vs naive |",
+    repeats = max((r.get("repeats", 1) for r in rows), default=1)
+    lines = [f"| configuration | step s | CPU s/step | real tok/s (spread) | processed tok/s | processed / real "
+             f"| {mem} (spread) | MFU | tok/s vs TRL | mem vs TRL | tok/s vs naive |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-
-    def ratio(r, base, key):
-        return f"{r[key] / base[key]:.2f}x" if base else "-"
-
     for r in rows:
-        lines.append(f"| {r['label']} | {r['step_s']:.2f} | {r['cpu_s']:.1f} | {r['real_tps']:.0f} | {r['processed_tps']:.0f} "
-                     f"| {r['pad_ratio']:.2f} | {r['peak_gb']:.2f} | {100 * r['mfu']:.1f}% ({SHORT_DTYPE[r['dtype']]}) "
-                     f"| {ratio(r, base_trl, 'real_tps')} | {ratio(r, base_trl, 'peak_gb')} "
-                     f"| {ratio(r, base_naive, 'real_tps')} |")
-    lines.append(f"\nroof (2048^3 matmul, measured here): float32 {roof['float32'] / 1e9:.0f} GFLOP/s, "
+        lines.append(f"| {r['label']} | {r['step_s']:.2f} | {r['cpu_s']:.1f} | {r['real_tps']:.0f} "
+                     f"({100 * r.get('tps_spread', 0):.0f}%) | {r['processed_tps']:.0f} | {r['pad_ratio']:.2f} "
+                     f"| {r['peak_gb']:.2f} ({100 * r.get('peak_spread', 0):.0f}%) | {100 * r['mfu']:.1f}% "
+                     f"({SHORT_DTYPE[r['dtype']]}) | {_ratio(r, base_trl, 'real_tps')} | {_ratio(r, base_trl, 'peak_gb')} "
+                     f"| {_ratio(r, base_naive, 'real_tps')} |")
+    lines.append(f"\nmedians of {repeats} repeat(s), each round running every row once with TRL last (A B .. T A B .. T); "
+                 "spread = (max - min) / median over the repeats; ratios to TRL: of the medians, in brackets the range "
+                 "of the per-round ratios.")
+    lines.append(f"roof (2048^3 matmul, measured here): float32 {roof['float32'] / 1e9:.0f} GFLOP/s, "
                  f"bfloat16 {roof['bfloat16'] / 1e9:.0f} GFLOP/s; MFU uses the roof of the row's dtype. CPU s/step: "
                  "process CPU time of all threads (less sensitive than wall time to other load on the machine).")
     return "\n".join(lines)
 
 
-def target_lines(rows: list[dict]) -> list[str]:
-    """Issue 4's targets against the TRL default row, each for the best of our rows that qualifies
-    (named in the line): fastest float32, fastest bf16, leanest."""
+def target_lines(rows: list[dict], heading: str = "targets (issue 12, vs TRL default)") -> list[str]:
+    """The targets against the TRL default row, each for the best of our rows that qualifies (named in the
+    line): fastest float32 >= 2.5x TRL's tokens/s and fastest bf16 >= 5x, both at no more than its peak
+    memory (with the reference forward in every step; precomputed rows apart); leanest <= 0.25x its memory
+    at >= 2.5x its tokens/s."""
     trl = next((r for r in rows if r["name"] == "trl"), None)
     if trl is None:
         return ["targets: no TRL row (trl not importable or not selected), nothing to compare against"]
     ours = [r for r in rows if CONFIGS[r["name"]]["kind"] == "ours"]
-    out = ["targets (issue 4, vs TRL default):"]
+    out = [f"{heading}:"]
 
     def line(ok, text):
         out.append(f"  [{'met' if ok else 'MISSED'}] {text}")
 
     for (dtype, factor), precomputed in itertools.product((("float32", 2.5), ("bfloat16", 5.0)), (False, True)):
-        fits = [r for r in ours if r["dtype"] == dtype and r["peak_gb"] <= trl["peak_gb"]
-                and r["precomputed"] == precomputed]
-        if fits:
-            f = max(fits, key=lambda r: r["real_tps"])
+        candidates = [r for r in ours if r["dtype"] == dtype and r["precomputed"] == precomputed]
+        fits = [r for r in candidates if r["peak_gb"] <= trl["peak_gb"]]
+        if fits or candidates:
+            f = max(fits or candidates, key=lambda r: r["real_tps"])
             pre = "; reference precomputed, see note" if f["precomputed"] else ""
-            line(f["real_tps"] >= factor * trl["real_tps"],
+            line(bool(fits) and f["real_tps"] >= factor * trl["real_tps"],
                  f"fastest {SHORT_DTYPE[dtype]} ({f['name']}): {f['real_tps'] / trl['real_tps']:.2f}x TRL tok/s "
                  f"(>= {factor}x) at {f['peak_gb'] / trl['peak_gb']:.2f}x its memory (<= 1x){pre}")
-    fits = [r for r in ours if r["real_tps"] >= trl["real_tps"]]
+    fits = [r for r in ours if r["real_tps"] >= 2.5 * trl["real_tps"]]
     if fits:
         f = min(fits, key=lambda r: r["peak_gb"])
-        line(f["peak_gb"] <= 0.5 * trl["peak_gb"],
-             f"leanest at TRL's speed or better ({f['name']}): {f['peak_gb'] / trl['peak_gb']:.2f}x TRL memory "
-             f"(<= 0.5x) at {f['real_tps'] / trl['real_tps']:.2f}x its tok/s (>= 1x)")
+        line(f["peak_gb"] <= 0.25 * trl["peak_gb"],
+             f"leanest at 2.5x TRL's speed or better ({f['name']}): {f['peak_gb'] / trl['peak_gb']:.2f}x TRL memory "
+             f"(<= 0.25x) at {f['real_tps'] / trl['real_tps']:.2f}x its tok/s (>= 2.5x)")
     elif ours:
         f = min(ours, key=lambda r: r["peak_gb"])
         line(False, f"leanest ({f['name']}): {f['peak_gb'] / trl['peak_gb']:.2f}x TRL memory but only "
-                    f"{f['real_tps'] / trl['real_tps']:.2f}x its tok/s (>= 1x needed)")
+                    f"{f['real_tps'] / trl['real_tps']:.2f}x its tok/s (>= 2.5x needed)")
     return out
+
+
+def format_sweep(points: list[dict]) -> str:
+    """The scaling table: one line per (tokens per pair, row), then how each row grows with length."""
+    lines = ["| tokens per pair (real) | configuration | step s | real tok/s (spread) | peak GB (spread) "
+             "| tok/s vs TRL | mem vs TRL |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for p in points:
+        trl = next((r for r in p["rows"] if r["name"] == "trl"), None)
+        for r in p["rows"]:
+            lines.append(f"| {p['tokens']} ({r['real_per_step'] / p['batch']:.0f}) | {r['name']} | {r['step_s']:.2f} "
+                         f"| {r['real_tps']:.0f} ({100 * r['tps_spread']:.0f}%) | {r['peak_gb']:.2f} "
+                         f"({100 * r['peak_spread']:.0f}%) | {_ratio(r, trl, 'real_tps')} | {_ratio(r, trl, 'peak_gb')} |")
+    lines.append("")
+    names = [r["name"] for r in points[0]["rows"]] if points else []
+    for name in names:
+        series = [(p["tokens"], next((r for r in p["rows"] if r["name"] == name), None)) for p in points]
+        series = [(t, r) for t, r in series if r is not None]
+        if len(series) < 2:
+            continue
+        (t0, r0), (t1, r1) = series[0], series[-1]
+        work = r1["real_per_step"] / r0["real_per_step"]
+        slopes = [f"{(b['peak_gb'] - a['peak_gb']) / ((b['real_per_step'] - a['real_per_step']) / 1000):.2f}"
+                  for (_, a), (_, b) in zip(series, series[1:])]
+        lines.append(f"growth {name}: {t0} -> {t1} tokens per pair ({work:.1f}x the real tokens per step): step time "
+                     f"x{r1['step_s'] / r0['step_s']:.1f}, peak memory x{r1['peak_gb'] / r0['peak_gb']:.2f}; GB per "
+                     f"extra 1k real tokens per step between successive lengths: {' then '.join(slopes)} "
+                     "(equal when memory is linear in tokens)")
+    return "\n".join(lines)
 
 
 def check_lines(check: dict) -> list[str]:
     lines = [f"correctness (float32, one batch of {check['tokens']} real tokens, |log-probs| up to "
              f"{check['logps_magnitude']:.0f}; target 1e-5):"]
-    for path in ("default", "leanest", "stacked", "packed"):
+    for path in ("default", "leanest", "padded", "stacked", "packed"):
         c = check[path]
         ok = c["logps_rel"] <= 1e-5 and c["loss_abs"] <= 1e-5
         lines.append(f"  [{'ok' if ok else 'DIFFERS'}] {path} vs naive: policy log-probs max |diff| "
@@ -730,6 +821,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the float32 equality check")
     p.add_argument("--no-subprocess", action="store_true",
                    help="run every configuration in this process (faster; peak memory is then not per row)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every row (TRL last in each round, so rows interleave with it); rows report medians")
+    p.add_argument("--sweep", default=None,
+                   help="comma list of tokens per pair (e.g. 512,2048,4096): also run the length sweep, prompt-heavy pairs")
+    p.add_argument("--sweep-configs", default="default,fastest_bf16,leanest,trl", help="rows of the length sweep")
+    p.add_argument("--sweep-batch", type=int, default=2, help="pairs per step in the length sweep")
+    p.add_argument("--sweep-steps", type=int, default=None, help="timed steps per sweep row (default: --steps)")
+    p.add_argument("--only-sweep", action="store_true", help="skip the main table (and its check)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--setup", default=None, help=argparse.SUPPRESS)
@@ -748,6 +847,63 @@ def make_setup(args, folder: str) -> Setup:
                      answer_words=(2.2, 0.8, 2, 30), quick=True, **common)
     path = resolve_model_path(args.model or SMOLLM2_ALIAS)
     return Setup(model_path=path, pairs=args.pairs or 200, max_length=args.max_length or 512, **common)
+
+
+INSTRUCTION = "Continue this passage from the Python documentation:\n\n"
+
+
+def sweep_setup(base: Setup, tokens_per_pair: int, batch: int, steps: int, tokens_per_word: float,
+                overhead: int) -> Setup:
+    """Prompt-heavy pairs of about ``tokens_per_pair`` real tokens (chosen + rejected rows), as chat data is:
+    each row about 65% prompt, 35% answer, lengths tight around the target (sigma 0.08 of the words) so every
+    batch of the epoch costs about the same. ``overhead``: tokens of the instruction and template."""
+    row = tokens_per_pair / 2
+    prompt_words = max(0.65 * row - overhead, 2) / tokens_per_word
+    answer_words = 0.35 * row / tokens_per_word
+    return dataclasses.replace(
+        base, batch_size=batch, steps=steps, pairs=batch * (base.warmup + steps) + batch,
+        max_length=int(row * 1.3) + overhead, max_prompt_length=int(0.65 * row * 1.3) + overhead,
+        prompt_words=(math.log(prompt_words), 0.08, 2, int(prompt_words * 1.3)),
+        answer_words=(math.log(answer_words), 0.08, 2, int(answer_words * 1.3)))
+
+
+def tokens_per_word(tokenizer) -> tuple[float, int]:
+    """Tokens per word of the benchmark's prose, and of the instruction plus a chat template's frame (+16)."""
+    words = " ".join(english_paragraphs()).split()[:3000]
+    per_word = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) / len(words)
+    return per_word, len(tokenizer(INSTRUCTION, add_special_tokens=False)["input_ids"]) + 16
+
+
+def run_rounds(setup: Setup, names: list[str], folder: str, repeats: int, in_process: bool,
+               tag: str = "") -> dict[str, list[dict]]:
+    """Every row once per round, TRL last, `repeats` rounds: A B .. T A B .. T, so each row's repeats and
+    TRL's interleave and a drift of the machine's load touches both. A row that is skipped (TRL without
+    trl installed) is not tried again."""
+    order = [n for n in names if CONFIGS[n]["kind"] != "trl"] + [n for n in names if CONFIGS[n]["kind"] == "trl"]
+    results: dict[str, list[dict]] = {n: [] for n in order}
+    for rep in range(repeats):
+        for name in order:
+            if results[name] and "skipped" in results[name][0]:
+                continue
+            start = time.perf_counter()
+            print(f"... {tag}{name}{f' (round {rep + 1}/{repeats})' if repeats > 1 else ''}", end="", flush=True)
+            results[name].append(launch(setup, name, folder, in_process))
+            print(f" {time.perf_counter() - start:.0f} s", flush=True)
+    return results
+
+
+def summarise_rounds(results: dict[str, list[dict]], roof: dict, warmup: int, notes: list[str],
+                     tag: str = "") -> list[dict]:
+    """Median rows (`median_row`) of the rows whose every repeat ran; the others go to the notes."""
+    ok = {}
+    for name, reps in results.items():
+        bad = [r for r in reps if "skipped" in r or "failed" in r]
+        if bad:
+            notes.append(f"{tag}{name}: {bad[0].get('skipped') or bad[0].get('failed')}")
+        else:
+            ok[name] = [summarise(name, r, roof, warmup) for r in reps]
+    trl = ok.get("trl")
+    return [median_row(reps, trl) for reps in ok.values()]
 
 
 def _reset_accelerate() -> None:
@@ -793,8 +949,18 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    sweep_names = [n.strip() for n in args.sweep_configs.split(",") if n.strip()]
+    unknown = [n for n in sweep_names if n not in CONFIGS]
+    if unknown:
+        print(f"error: unknown sweep configuration(s) {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    sweep = [int(t) for t in args.sweep.split(",")] if args.sweep else []
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet()
+    results, rows, notes, check, points = {}, [], [], None, []
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as folder:
         setup = make_setup(args, folder)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -805,32 +971,37 @@ def main(argv=None) -> int:
               f" | {setup.pairs} pairs of English prose, {statistics.mean(lengths):.0f} tokens per pair on average "
               f"(max sequence {max(max(len(dataset[i]['chosen_input_ids']), len(dataset[i]['rejected_input_ids'])) for i in range(len(dataset)))}"
               f", max_length {setup.max_length}) | batch {setup.batch_size} pairs | {setup.warmup} warm-up + "
-              f"{setup.steps} timed steps | {device} ({torch.get_num_threads()} threads) | torch {torch.__version__}")
+              f"{setup.steps} timed steps | {args.repeats} round(s) | {device} ({torch.get_num_threads()} threads) "
+              f"| torch {torch.__version__} | load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         roof = measure_roof(device)
-        results, rows, notes = {}, [], []
-        for name in names:
-            start = time.perf_counter()
-            print(f"... {name}", end="", flush=True)
-            r = launch(setup, name, folder, args.no_subprocess)
-            print(f" {time.perf_counter() - start:.0f} s", flush=True)
-            results[name] = r
-            if "skipped" in r or "failed" in r:
-                notes.append(f"{name}: {r.get('skipped') or r.get('failed')}")
-                continue
-            if "ours_real" in r and r["ours_real"] != r["real"]:
-                notes.append(f"{name}: TRL's real tokens per step {r['real']} vs dpo_accel's {r['ours_real']} "
-                             "for the same pairs (chat-template tokenisation differs slightly)")
-        check = None
-        if not args.no_check:
-            print("... check", end="", flush=True)
-            start = time.perf_counter()
-            check = launch(setup, "check", folder, args.no_subprocess)
-            print(f" {time.perf_counter() - start:.0f} s", flush=True)
-            results["check"] = check
+        if not args.only_sweep:
+            rounds = run_rounds(setup, names, folder, args.repeats, args.no_subprocess)
+            results = {n: reps[0] for n, reps in rounds.items()}
+            for name, reps in rounds.items():
+                r = reps[0]
+                if "ours_real" in r and r["ours_real"] != r["real"]:
+                    notes.append(f"{name}: TRL's real tokens per step {r['real']} vs dpo_accel's {r['ours_real']} "
+                                 "for the same pairs (chat-template tokenisation differs slightly)")
+            if not args.no_check:
+                print("... check", end="", flush=True)
+                start = time.perf_counter()
+                check = launch(setup, "check", folder, args.no_subprocess)
+                print(f" {time.perf_counter() - start:.0f} s", flush=True)
+                results["check"] = check
+        per_word, overhead = tokens_per_word(tokenizer) if sweep else (0.0, 0)
+        sweep_rounds = {}
+        for tokens in sweep:
+            point = sweep_setup(setup, tokens, args.sweep_batch, args.sweep_steps or args.steps, per_word, overhead)
+            sweep_rounds[tokens] = (point, run_rounds(point, sweep_names, folder, args.repeats, args.no_subprocess,
+                                                      tag=f"{tokens} tokens/pair: "))
         after = measure_roof(device)  # the machine's best: other load on a shared machine only lowers it
         roof = {k: max(roof[k], after[k]) for k in roof}
-        rows = [summarise(n, r, roof, setup.warmup) for n, r in results.items()
-                if n in CONFIGS and "skipped" not in r and "failed" not in r]
+        if not args.only_sweep:
+            rows = summarise_rounds(rounds, roof, setup.warmup, notes)
+        for tokens, (point, point_rounds) in sweep_rounds.items():
+            points.append({"tokens": tokens, "batch": point.batch_size, "setup": dataclasses.asdict(point),
+                           "rows": summarise_rounds(point_rounds, roof, point.warmup, notes, f"{tokens} tokens/pair: "),
+                           "raw": point_rounds})
         trl = next((r for r in rows if r["name"] == "trl"), None)
         for r in rows:
             if r["precomputed"]:
@@ -839,22 +1010,34 @@ def main(argv=None) -> int:
                              f"and model and cached across runs and epochs; paid within a single epoch it gives "
                              f"{r['one_epoch_tps']:.0f} real tok/s{vs}")
 
-    print()
-    print(format_table(rows, roof, args.no_subprocess))
-    for line in target_lines(rows):
-        print(line)
+    if rows:
+        print()
+        print(format_table(rows, roof, args.no_subprocess))
+        for line in target_lines(rows):
+            print(line)
     if check is not None:
         if "failed" in check:
             notes.append(f"check: {check['failed']}")
         else:
             for line in check_lines(check):
                 print(line)
+    if points:
+        print(f"\nlength sweep: batch {args.sweep_batch} pairs, prompt-heavy pairs (about 65% prompt), "
+              f"{setup.warmup} warm-up + {args.sweep_steps or args.steps} timed steps, {args.repeats} round(s)")
+        print(format_sweep(points))
+        for p in points:
+            for line in target_lines(p["rows"], f"targets at {p['tokens']} tokens per pair"):
+                print(line)
     for note in notes:
         print(f"note: {note}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"setup": dataclasses.asdict(setup), "roof": roof, "rows": rows, "raw": results}, f, indent=1)
+            json.dump({"setup": dataclasses.asdict(setup), "roof": roof, "rows": rows, "raw": results,
+                       "repeats": {n: reps for n, reps in rounds.items()} if not args.only_sweep else {},
+                       "sweep": points}, f, indent=1)
     failed = [n for n, r in results.items() if isinstance(r, dict) and "failed" in r]
+    failed += [n for p in points for n, reps in p["raw"].items() if any("failed" in r for r in reps)]
     return 1 if failed else 0
 
 

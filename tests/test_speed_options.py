@@ -325,3 +325,26 @@ def test_benchmark_quick_smoke(tmp_path, monkeypatch, capsys):
                        "--out", str(worker_out)]) == 0
     worker = json.loads(worker_out.read_text())
     assert len(worker["times"]) == 1 and worker["peak"] > 0 and worker["real"][0] > 0
+
+
+def test_benchmark_repeats_and_length_sweep(tmp_path, monkeypatch, capsys):
+    """--repeats gives median rows with their spread; --sweep the scaling table and the growth lines."""
+    from benchmarks import bench_dpo_step as bench
+
+    monkeypatch.setitem(__import__("sys").modules, "trl", None)
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--no-subprocess", "--steps", "1", "--warmup", "1", "--pairs", "12", "--no-check",
+                       "--configs", "default", "--repeats", "2", "--sweep", "256,512", "--sweep-configs",
+                       "default,leanest,trl", "--sweep-steps", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["repeats"] == 2 and len(result["repeats"]["default"]) == 2 and row["tps_spread"] >= 0
+    times = [bench.summarise("default", r, result["roof"], 1)["real_tps"] for r in result["repeats"]["default"]]
+    assert row["real_tps"] == pytest.approx(sum(times) / 2)  # the median of two
+    assert [p["tokens"] for p in result["sweep"]] == [256, 512]
+    short, long = ({r["name"]: r for r in p["rows"]} for p in result["sweep"])
+    assert set(short) == {"default", "leanest"} and long["default"]["real_per_step"] > 1.5 * short["default"]["real_per_step"]
+    assert "| 256 (" in text and "growth default: 256 -> 512 tokens per pair" in text
+    assert "512 tokens/pair: trl: trl is not importable" in text
