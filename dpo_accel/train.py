@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dpo_accel.checkpoint import export_model, load_checkpoint, save_checkpoint
 from dpo_accel.console import log
 from dpo_accel.evaluate import evaluate_preferences, generation_report
+from dpo_accel.kto import kto_inputs
 from dpo_accel.losses import compute_objective
 from dpo_accel.metrics import MetricAccumulator, example_metrics
 from dpo_accel.plan import Plan, check_output_dir, preflight
@@ -90,9 +91,12 @@ def has_accelerator_device() -> bool:
 
 def build_data(accelerator, recipe: Recipe, tokenizer):
     from dpo_accel.data import format_stats, load_preference_splits, tokenize_splits
+    from dpo_accel.kto import is_unpaired, unpaired_splits
 
     with accelerator.main_process_first():  # the main process tokenises; the others read the cache
         raw = load_preference_splits(recipe.data, recipe.train.seed)
+        if is_unpaired(recipe.loss):  # KTO: labelled rows, each with its mismatched KL completion
+            raw = unpaired_splits(raw, recipe.loss, recipe.train.seed)
         tokenized, stats = tokenize_splits(raw, tokenizer, recipe.data)
     log(format_stats(stats), prefix=False)
     if len(tokenized["train"]) == 0:
@@ -124,8 +128,29 @@ def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
     return plan
 
 
+class EpochRandomSampler(torch.utils.data.Sampler):
+    """A shuffle that is a pure function of (seed, epoch), like data.LengthGroupedSampler.
+
+    torch's RandomSampler draws each epoch from a generator that advanced with every earlier epoch, and
+    Accelerate's prepared loader calls ``set_epoch`` with its own iteration counter (0 in a fresh
+    process): a run resumed in epoch 2 would replay epoch 0's order. Here the epoch alone decides.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+
 def build_loaders(plan: Plan, tokenized, tokenizer):
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
 
     from dpo_accel.data import LengthGroupedSampler, PreferenceCollator, sequence_lengths
 
@@ -137,7 +162,7 @@ def build_loaders(plan: Plan, tokenized, tokenizer):
         # Grouped by the GLOBAL batch, so 2 processes x 2 pairs see the same pairs as 1 x 4.
         sampler = LengthGroupedSampler(lengths, g.per_device * g.processes, seed=t.seed)
     else:
-        sampler = RandomSampler(train, generator=torch.Generator().manual_seed(t.seed))
+        sampler = EpochRandomSampler(len(train), t.seed)
     train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator)
     eval_loader = None
     if "eval" in tokenized and len(tokenized["eval"]) and plan.recipe.eval.do_eval:
@@ -358,11 +383,16 @@ def train_loop(s: Session) -> None:
 
 
 def epoch_batches(s: Session, epoch: int):
-    """This epoch's micro-batches, from the data position of s.step (mid-epoch on resume)."""
-    if hasattr(s.sampler, "set_epoch"):
-        s.sampler.set_epoch(epoch)
+    """This epoch's micro-batches, from the data position of s.step (mid-epoch on resume).
+
+    The prepared loader sets its sampler's epoch from its own iteration counter when it starts (a fresh
+    process counts from 0, a skip_first_batches copy keeps the count it was made with): set both to `epoch`.
+    """
+    s.sampler.set_epoch(epoch)
     skip = (s.step % s.steps_per_epoch) * s.plan.geometry.accumulation
-    return s.accelerator.skip_first_batches(s.train_loader, skip) if skip else s.train_loader
+    loader = s.accelerator.skip_first_batches(s.train_loader, skip) if skip else s.train_loader
+    loader.set_epoch(epoch)
+    return loader
 
 
 def micro_step(s: Session, batch: dict, grad_norm):
@@ -370,8 +400,10 @@ def micro_step(s: Session, batch: dict, grad_norm):
     skips the step and the gradient sync inside the window). Returns the loss output, the policy's
     log-probs and the latest gradient norm."""
     with s.accelerator.accumulate(s.model):
-        policy_logps = s.model(**batch)
-        out = compute_objective(s.plan.objective, policy_logps, s.reference.logps(batch, "train"))
+        policy_logps, reference = s.model(**batch), s.reference.logps(batch, "train")
+        if s.plan.objective.unpaired:  # KTO: labels and the reference point over all processes
+            policy_logps = kto_inputs(s.accelerator, batch, policy_logps, reference)
+        out = compute_objective(s.plan.objective, policy_logps, reference)
         s.accelerator.backward(out.loss)
         if s.accelerator.sync_gradients:
             max_norm = s.plan.recipe.train.max_grad_norm or float("inf")
