@@ -15,7 +15,7 @@ from typing import Optional
 
 from dpo_accel.console import log
 from dpo_accel.files import atomic_write, publish, remove, temp_path
-from dpo_accel.recipe import Recipe, dump_recipe
+from dpo_accel.recipe import Recipe, RecipeError, dump_recipe
 
 STATE_FILE = "trainer_state.json"
 
@@ -32,9 +32,41 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         for name in os.listdir(root):
             state = os.path.join(root, name, STATE_FILE)
             if name.startswith("checkpoint-") and os.path.isfile(state):
-                with open(state) as f:
-                    found.append((int(json.load(f)["global_step"]), os.path.join(root, name)))
+                found.append((int(read_state_file(state)["global_step"]), os.path.join(root, name)))
     return sorted(found)
+
+
+def read_state_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        int(state["global_step"])
+        return state
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"{path} is damaged ({type(e).__name__}: {e}); remove its checkpoint folder to resume "
+                          "from the one before") from None
+
+
+def check_complete(path: str) -> None:
+    """Every file the checkpoint was written with is there at its size (``files`` in its state file);
+    a one-line RecipeError naming the first that is not, before anything in the run folder is touched."""
+    state = read_state_file(os.path.join(path, STATE_FILE))
+    for name, size in state.get("files", {}).items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full) or os.path.getsize(full) != size:
+            found = "missing" if not os.path.isfile(full) else f"{os.path.getsize(full)} bytes, written with {size}"
+            raise RecipeError(f"--resume: checkpoint {os.path.basename(path)} is damaged: {name} is {found}; "
+                              "remove that checkpoint folder to resume from the one before")
+
+
+def manifest(path: str) -> dict[str, int]:
+    """{relative path: size} of every file under `path`."""
+    files = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(folder, name)
+            files[os.path.relpath(full, path)] = os.path.getsize(full)
+    return dict(sorted(files.items()))
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -56,6 +88,7 @@ def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, t
     accelerator.wait_for_everyone()  # every rank has written its RNG / shard files before the rename
     if accelerator.is_main_process:
         dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
+        state = {**state, "files": manifest(tmp)}  # what --resume checks is still there
         with open(os.path.join(tmp, STATE_FILE), "w") as f:  # written last: marks the folder complete
             json.dump(state, f, indent=2)
         publish(tmp, final)

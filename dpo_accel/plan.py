@@ -26,7 +26,7 @@ from typing import Optional
 
 import yaml
 
-from dpo_accel.checkpoint import STATE_FILE, latest_checkpoint
+from dpo_accel.checkpoint import STATE_FILE, check_complete, latest_checkpoint
 from dpo_accel.console import log
 from dpo_accel.losses import LossPlan, plan_loss
 from dpo_accel.recipe import Recipe, RecipeError, recipe_to_dict, validate
@@ -35,6 +35,10 @@ from dpo_accel.recipe import Recipe, RecipeError, recipe_to_dict, validate
 # another position in the data. data.num_proc (tokenisation workers) and data.max_eval_samples do not.
 POSITION_KEYS = ("train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed")
 NOT_POSITION = ("data.num_proc", "data.max_eval_samples")
+# Keys whose values the restored optimizer and scheduler state carry (a new value would be silently ignored:
+# the scheduler's base learning rates come back from the checkpoint), or that shape the saved weights.
+STATE_KEYS = ("train.learning_rate", "train.optimizer", "train.weight_decay", "train.lr_scheduler_type",
+              "train.warmup_steps", "train.warmup_ratio", "model.model_name_or_path", "model.gguf_file")
 
 
 @dataclass(frozen=True)
@@ -117,12 +121,23 @@ def check_output_dir(recipe: Recipe, resume: bool) -> Optional[str]:
     if resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
-            raise RecipeError(f"--resume: no complete checkpoint in '{out}/checkpoints'; drop --resume to start fresh")
+            if not holds_run(out):
+                raise RecipeError(f"--resume: no complete checkpoint in '{out}/checkpoints' and no run started "
+                                  "there; drop --resume to start one")
+            # Killed before its first checkpoint: nothing to continue, so the run starts over in its folder.
+            log(f"--resume: '{out}' has no complete checkpoint yet; starting the run from scratch there")
+        else:
+            check_complete(checkpoint)
         return checkpoint
-    if os.path.isfile(os.path.join(out, "metrics.jsonl")) or os.path.isdir(os.path.join(out, "checkpoints")):
+    if holds_run(out):
         raise RecipeError(f"train.output_dir '{out}' already holds a run; pass --resume to continue it "
                           "or set train.output_dir to a new folder")
     return None
+
+
+def holds_run(out: str) -> bool:
+    """Whether a run started in `out` (it logged, checkpointed or saved its resolved recipe)."""
+    return any(os.path.exists(os.path.join(out, name)) for name in ("metrics.jsonl", "checkpoints", "recipe.yaml"))
 
 
 def read_state(checkpoint: str) -> dict:
@@ -157,10 +172,15 @@ def check_resume(recipe: Recipe, geometry: Geometry, checkpoint: str) -> Geometr
                           f"{geometry.processes}; relaunch with {saved_processes} or start a new train.output_dir")
     current = _flat(recipe_to_dict(with_geometry(recipe, geometry)))
     changed = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
-    for key, (old, new) in changed.items():
-        if key in POSITION_KEYS or (key.startswith("data.") and key not in NOT_POSITION):
-            raise RecipeError(f"--resume: {key} is {new!r} but {where} was written with {old!r}, which would "
-                              f"continue at another data position; set it back or start a new train.output_dir")
+    moved = [k for k in changed if k in POSITION_KEYS or (k.startswith("data.") and k not in NOT_POSITION)]
+    kept = [k for k in changed if k in STATE_KEYS or k.startswith("lora.")]
+    if moved or kept:  # one line naming every key, both values
+        keys = moved + kept
+        why = " and ".join(w for w, hit in (("continue at another data position", moved),
+                                              ("be ignored by the restored optimizer and scheduler state", kept)) if hit)
+        raise RecipeError(f"--resume: {', '.join(f'{k} is {changed[k][1]!r}' for k in keys)} but {where} was written "
+                          f"with {', '.join(repr(changed[k][0]) for k in keys)}, which would {why}; "
+                          f"set {'it' if len(keys) == 1 else 'them'} back or start a new train.output_dir")
     step = int(state["global_step"])
     if 0 < t.max_steps < step:
         raise RecipeError(f"--resume: train.max_steps {t.max_steps} is below {where}'s step {step}; "

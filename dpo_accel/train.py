@@ -209,12 +209,23 @@ def log_metrics(accelerator, output_dir: str, metrics: dict, step: int) -> None:
 
 
 def truncate_metrics(output_dir: str, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint: they are about to be redone."""
+    """On resume, drop log lines of steps after the checkpoint (they are about to be redone) and a line torn
+    by a kill; the kept lines are written to a new file renamed over the old, so a kill here loses nothing."""
+    from dpo_accel.files import atomic_write
+
     path = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # the half-written last line of a killed run
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as f:
             f.writelines(kept)
 
 
@@ -298,9 +309,9 @@ def setup(plan: Plan) -> Session:
     step = 0
     if plan.resume_from is not None:
         step = int(load_checkpoint(accelerator, plan.resume_from)["global_step"])
-        if accelerator.is_main_process:
-            truncate_metrics(t.output_dir, step)
         log(f"resumed at step {step}")
+    if accelerator.is_main_process:  # a new run has no log; one killed before its first checkpoint restarts at 0
+        truncate_metrics(t.output_dir, step)
     prompts = list(raw["eval"]["prompt"][:recipe.eval.generation_prompts]) if "eval" in raw else []
     rows = raw["eval"].select(range(len(prompts))).to_list() if prompts else []
     session = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, reference,

@@ -168,3 +168,37 @@ def test_the_package_exposes_what_a_python_user_needs():
     for name in ("load_recipe", "PreferenceLogpsModel", "compute_objective", "concatenated_forward",
                  "preference_loss", "preflight"):
         assert name in dpo_accel.__all__ and hasattr(dpo_accel, name)
+
+
+def test_resume_refuses_changed_optimizer_keys_with_the_batch_in_one_line(tmp_path):
+    """The scheduler's base learning rates come back from the checkpoint: a new one would be ignored."""
+    out = tmp_path / "run"
+    fake_checkpoint(out, recipe_for(out))
+    with pytest.raises(RecipeError) as e:
+        preflight(recipe_for(out, **{"train.per_device_train_batch_size": 8, "train.learning_rate": 1e-2}), resume=True)
+    assert one_line(e) == ("--resume: train.per_device_train_batch_size is 8, train.learning_rate is 0.01 but the "
+                           "checkpoint checkpoint-0000002 was written with 4, 0.001, which would continue at another "
+                           "data position and be ignored by the restored optimizer and scheduler state; set them back "
+                           "or start a new train.output_dir")
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_a_damaged_one_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo')  # killed mid-line
+    with pytest.raises(RecipeError, match="already holds a run; pass --resume"):
+        preflight(recipe_for(out))
+    assert preflight(recipe_for(out), resume=True).resume_from is None
+    assert "no complete checkpoint yet; starting the run from scratch there" in capsys.readouterr().out
+    train.truncate_metrics(str(out), 0)
+    assert (out / "metrics.jsonl").read_text() == ""
+    with pytest.raises(RecipeError, match="no run started there; drop --resume"):
+        preflight(recipe_for(tmp_path / "empty"), resume=True)
+    path = fake_checkpoint(out, recipe_for(out), files={"model.safetensors": 10})
+    with pytest.raises(RecipeError) as e:
+        preflight(recipe_for(out), resume=True)
+    assert "checkpoint-0000002 is damaged: model.safetensors is missing" in one_line(e)
+    with open(os.path.join(path, STATE_FILE), "w") as f:
+        f.write('{"global_step": ')
+    with pytest.raises(RecipeError, match="is damaged .JSONDecodeError"):
+        preflight(recipe_for(out), resume=True)
