@@ -21,6 +21,9 @@ string or a list of ``{"role", "content"}`` messages and the answers are of the 
                   text up to the last "\\n\\nAssistant:" is the prompt (kept as raw text)
   sft             one answer: messages (the last one, an assistant turn, is the answer), or
                   prompt + completion, or prompt + chosen
+  unpaired        prompt, completion, label (true: desirable, false: undesirable), text or messages
+                  (TRL's unpaired preference format, for KTO): rows of prompt, chosen (the completion),
+                  label; dpo_accel/kto.py adds each row's mismatched completion as ``rejected``
 
 Mixtures (``data.dataset_mixture``, the alignment-handbook's block; schema in dpo_accel/mixture.py):
 each source is loaded and normalised with its own format, subsampled (``weight``: a seeded fraction,
@@ -55,7 +58,7 @@ from dpo_accel.recipe import DataConfig, RecipeError
 
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
-FORMATS = ("explicit", "conversational", "implicit", "hh", "sft")
+FORMATS = ("explicit", "conversational", "implicit", "hh", "sft", "unpaired")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 STATUS_KEPT, STATUS_TRUNCATED, STATUS_DROPPED = 0, 1, 2
@@ -370,6 +373,8 @@ def detect_format(columns: Sequence[str], row: dict, split: str = "train") -> st
             return "hh"
         raise DataError(f"split '{split}' has chosen/rejected but no prompt column and they are neither "
                         f"conversations nor HH transcripts; add a 'prompt' column or set data.format")
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired"
     if "messages" in cols or {"prompt", "completion"} <= cols:
         return "sft"
     raise DataError(f"split '{split}' has columns {sorted(cols)}; a preference dataset needs prompt/chosen/rejected "
@@ -381,6 +386,8 @@ def _required_columns(fmt: str, cols: set) -> tuple:
         return ("prompt", "chosen", "rejected")
     if fmt in ("implicit", "hh"):
         return ("chosen", "rejected")
+    if fmt == "unpaired":
+        return ("prompt", "completion", "label")
     if "messages" in cols:
         return ("messages",)
     return ("prompt", "completion") if "completion" in cols else ("prompt", "chosen")
@@ -479,6 +486,15 @@ def _normalise_row(row: dict, i: int, fmt: str, split: str) -> dict:
         if isinstance(prompt, list) or isinstance(answer, list):
             return {"prompt": _messages(prompt, i, split, "prompt"), "chosen": _messages(answer, i, split, answer_col)}
         return {"prompt": _text(prompt, i, split, "prompt"), "chosen": _text(answer, i, split, answer_col)}
+    if fmt == "unpaired":
+        if not isinstance(row["label"], bool) and row["label"] not in (0, 1):
+            raise _bad(i, split, "label", f"must be true or false, got {row['label']!r}")
+        prompt, answer = row["prompt"], row["completion"]
+        if isinstance(prompt, list) or isinstance(answer, list):
+            prompt, answer = _messages(prompt, i, split, "prompt"), _messages(answer, i, split, "completion")
+        else:
+            prompt, answer = _text(prompt, i, split, "prompt"), _text(answer, i, split, "completion")
+        return {"prompt": prompt, "chosen": answer, "label": bool(row["label"])}
     raise DataError(f"data.format '{fmt}' is unknown; choose one of: auto, {', '.join(FORMATS)}")
 
 
@@ -653,6 +669,8 @@ def _tokenize_row(row: dict, i: int, tokenizer, max_length: int, max_prompt_leng
         out[f"{side}_length"] = len(prompt_ids) + len(ids)
     if not paired:
         out["rejected_length"] = 0
+    if "label" in row:  # unpaired (KTO) rows: chosen is the completion, rejected its mismatched KL completion
+        out["label"] = bool(row["label"])
     return out
 
 
@@ -824,6 +842,7 @@ class PreferenceCollator:
     chosen_input_ids, chosen_attention_mask, chosen_labels        LongTensor [B, Tc]
     rejected_input_ids, rejected_attention_mask, rejected_labels  LongTensor [B, Tr] (absent for sft rows)
     idx                                                           LongTensor [B]
+    desirable                                                     BoolTensor [B] (unpaired rows only)
 
     Tc and Tr are each side's longest row (rounded up to `pad_to_multiple_of`); padding positions have
     `pad_token_id`, attention 0 and label -100.
@@ -854,6 +873,8 @@ class PreferenceCollator:
                 mask[b, :n] = 1
             batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"] = ids, mask, labels
         batch["idx"] = torch.as_tensor([int(r["idx"]) for r in rows], dtype=torch.long)
+        if "label" in rows[0]:  # unpaired (KTO) rows: whether each completion is desirable
+            batch["desirable"] = torch.as_tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
         return batch
 
 

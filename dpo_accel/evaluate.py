@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from dpo_accel.console import log
+from dpo_accel.kto import kto_inputs
 from dpo_accel.losses import compute_objective
 from dpo_accel.metrics import MetricAccumulator, example_metrics
 
@@ -26,6 +27,8 @@ def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dic
     for batch in loader:
         policy = model(**batch)
         ref = reference.logps(batch, "eval")
+        if getattr(loss_cfg, "unpaired", False):  # KTO: labels and the reference point over all processes
+            policy = kto_inputs(accelerator, batch, policy, ref)
         out = compute_objective(loss_cfg, policy, ref)
         acc.add(example_metrics(out, policy), batch)
     model.train(was_training)

@@ -70,6 +70,10 @@ class Pair:
     ref_chosen: Tensor
     ref_rejected: Tensor
     delta: Tensor
+    # Unpaired objectives (KTO): chosen is each row's completion, rejected its mismatched KL completion;
+    # ``desirable`` [B] bool is the row's label, ``kl`` the reference point gathered by the loop (kto.kto_inputs).
+    desirable: Optional[Tensor] = None
+    kl: Optional[Tensor] = None
 
     @property
     def chosen_logratio(self) -> Tensor:
@@ -91,7 +95,8 @@ class LossSpec:
     when False, switches a "mean" objective to sums (IPO's ``ipo_token_average``). ``pairwise`` is False
     for objectives whose ``losses[i]`` is a batch quantile rather than pair i's loss (AOT sorts the batch);
     ``needs_rejected`` is False for objectives that read only the chosen answer (SFT), which therefore also
-    run on sft-format data that has no rejected answers.
+    run on sft-format data that has no rejected answers. ``unpaired`` objectives (KTO) train on labelled
+    single completions (``Pair.desirable``) and run alone.
     """
 
     name: str
@@ -104,6 +109,7 @@ class LossSpec:
     logps_toggle: Optional[str] = None
     pairwise: bool = True
     needs_rejected: bool = True
+    unpaired: bool = False
 
     def unit(self, cfg: Any) -> str:
         if self.logps_toggle is not None and not _get(cfg, self.logps_toggle):
@@ -139,7 +145,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 def _objective(name: str, *, formula: str, paper: str, hyperparameters: tuple[str, ...],
                needs_reference: bool = True, logps: str = "sum", logps_toggle: Optional[str] = None,
-               pairwise: bool = True, needs_rejected: bool = True):
+               pairwise: bool = True, needs_rejected: bool = True, unpaired: bool = False):
     """Register ``fn`` under ``name``; the registry is the single source of the table and the dispatch."""
     unknown = [h for h in hyperparameters if h not in _DEFAULTS]
     if unknown or logps not in UNITS or name in LOSSES or "|" in formula:
@@ -147,7 +153,7 @@ def _objective(name: str, *, formula: str, paper: str, hyperparameters: tuple[st
 
     def register(fn: Callable[[Pair, Any], Terms]) -> Callable[[Pair, Any], Terms]:
         LOSSES[name] = LossSpec(name, fn, formula, paper, hyperparameters, needs_reference, logps, logps_toggle,
-                                pairwise, needs_rejected)
+                                pairwise, needs_rejected, unpaired)
         return fn
 
     return register
@@ -398,6 +404,37 @@ def sft(p: Pair, hp: Any) -> Terms:
     return -p.chosen, {"nll": -p.chosen}
 
 
+KTO_PAPER = ("Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv:2402.01306); "
+             "unpaired rows (prompt, completion, label)")
+
+
+def kl_reference_point(policy_kl: Tensor, reference_kl: Tensor) -> Tensor:
+    """KTO's z_0 from one process's batch: max(0, mean(log π(y'|x) - log π_ref(y'|x))) over mismatched pairs,
+    detached (the loop averages the per-process means over all processes first, as TRL gathers them)."""
+    return (policy_kl - reference_kl).mean().detach().clamp(min=0)
+
+
+@_objective("kto", formula="desirable: λ_D(1 - σ(β(c - z))), undesirable: λ_U(1 - σ(β(z - c))); "
+            "z = max(0, mean(r)) over the batch, no gradient", paper=KTO_PAPER,
+            hyperparameters=("beta", "desirable_weight", "undesirable_weight"), unpaired=True)
+def kto(p: Pair, hp: Any) -> Terms:
+    """KTO, Eq. 8: L = E[λ_y - v(x, y)], v = λ_D σ(β(r_θ - z_0)) for a desirable y, λ_U σ(β(z_0 - r_θ)) for an
+    undesirable one; r_θ = log π(y|x)/π_ref(y|x) on summed log-probs, z_0 = KL(π(y'|x) ‖ π_ref(y'|x)) estimated
+    from mismatched prompt/completion pairs of the batch (here the rejected side: c is each row's completion, r
+    its mismatched one), clamped at 0 and detached, as in TRL's KTOTrainer. ``losses[i]`` is row i's term.
+    """
+    if p.desirable is None:
+        raise ValueError("loss_type 'kto' needs each row's label (policy['desirable']); train on unpaired rows "
+                         "(data.format: unpaired) or a preference set, which dpo_accel/kto.py splits into them")
+    z = kl_reference_point(p.rejected, p.ref_rejected) if p.kl is None else p.kl.detach()
+    z = z.to(p.chosen.dtype)
+    c = p.chosen_logratio
+    desirable = p.desirable.to(torch.bool)
+    losses = torch.where(desirable, hp.desirable_weight * (1.0 - torch.sigmoid(hp.beta * (c - z))),
+                         hp.undesirable_weight * (1.0 - torch.sigmoid(hp.beta * (z - c))))
+    return losses, {"kl": z.expand_as(c).detach()}
+
+
 # Additions that apply on top of any objective (rows of the second README table).
 MODIFIERS: tuple[tuple[str, str, str], ...] = (
     ("loss_type: [a, b] + loss_weights", "Σ_i w_i L_i", "TRL's multi-loss DPO, e.g. MPO (arXiv:2411.10442)"),
@@ -465,6 +502,12 @@ def _plan(cfg: Any) -> list[tuple[LossSpec, float]]:
     fdiv = _get(cfg, "f_divergence_type")
     if fdiv not in F_DIVERGENCES:
         raise ValueError(f"unknown loss.f_divergence_type '{fdiv}'{_closest(fdiv, F_DIVERGENCES)}")
+    unpaired = [n for n in names if LOSSES[n].unpaired]
+    if unpaired and (len(names) > 1 or _get(cfg, "rpo_alpha") is not None or _get(cfg, "use_weighting")):
+        raise ValueError(f"loss_type '{unpaired[0]}' trains on labelled single completions: use it alone, without "
+                         "loss.rpo_alpha or loss.use_weighting (they read a chosen answer of a pair)")
+    if unpaired and not (_get(cfg, "desirable_weight") > 0 and _get(cfg, "undesirable_weight") > 0):
+        raise ValueError("loss.desirable_weight and loss.undesirable_weight must be positive")
     rpo = _get(cfg, "rpo_alpha")
     if rpo is not None and not (isinstance(rpo, (int, float)) and rpo >= 0):
         raise ValueError(f"loss.rpo_alpha must be null or a number >= 0, got {rpo!r}")
@@ -513,6 +556,7 @@ class LossPlan:
     needs_reference: bool
     needs_rejected: bool
     wpo: bool
+    unpaired: bool = False  # KTO: labelled single completions (the loop adds labels and the gathered KL)
 
 
 def plan_loss(cfg: Any) -> LossPlan:
@@ -521,7 +565,8 @@ def plan_loss(cfg: Any) -> LossPlan:
         return cfg
     terms = tuple(validate_loss_config(cfg))
     wpo = bool(_get(cfg, "use_weighting"))
-    return LossPlan(cfg, terms, _needs_reference(cfg, terms), wpo or any(s.needs_rejected for s, _ in terms), wpo)
+    return LossPlan(cfg, terms, _needs_reference(cfg, terms), wpo or any(s.needs_rejected for s, _ in terms), wpo,
+                    any(s.unpaired for s, _ in terms))
 
 
 def _resolved(cfg: Any) -> tuple[Any, tuple[tuple[LossSpec, float], ...]]:
@@ -583,8 +628,10 @@ def _hyper_view(cfg: Any, names: tuple[str, ...]) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{n: _get(cfg, n) for n in names})
 
 
-def _evaluate(cfg: Any, plan: list[tuple[LossSpec, float]], logps: _Logps) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of the objectives' per-example losses [B] and their metrics."""
+def _evaluate(cfg: Any, plan: list[tuple[LossSpec, float]], logps: _Logps,
+              unpaired: tuple = (None, None)) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the objectives' per-example losses [B] and their metrics; ``unpaired``: KTO's
+    (desirable, kl), see Pair."""
     fprime = F_DIVERGENCES[_get(cfg, "f_divergence_type")]
     coef = float(_get(cfg, "f_alpha_divergence_coef"))
     total: Any = 0.0
@@ -595,7 +642,7 @@ def _evaluate(cfg: Any, plan: list[tuple[LossSpec, float]], logps: _Logps) -> tu
             delta = fprime(c - rc, coef) - fprime(r - rr, coef)
         else:
             delta = (c - rc) - (r - rr)
-        losses, extra = spec.fn(Pair(c, r, rc, rr, delta), _hyper_view(cfg, spec.hyperparameters))
+        losses, extra = spec.fn(Pair(c, r, rc, rr, delta, *unpaired), _hyper_view(cfg, spec.hyperparameters))
         total = total + weight * losses
         metrics.update(extra)
         if len(plan) > 1:
@@ -628,6 +675,8 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
         data) when every objective reads only the chosen answer; ``rejected_rewards`` are then zeros.
     reference: the same two ``*_logps`` keys under the reference model, or None; None is accepted
         exactly when ``needs_reference(cfg)`` is False (a given reference is then ignored).
+        Unpaired objectives (KTO) also read ``desirable`` [B] bool and, when present, ``kl`` (a scalar: the
+        reference point over all processes, `kto.kto_inputs`); without ``kl`` it is this batch's own.
 
     Per example: L = Σ_i w_i L_i  (+ rpo_alpha · NLL(chosen)), times the WPO pair weight
     clamp(exp(ω_w + ω_l), max=1) (detached) when ``use_weighting``; the order TRL 0.x uses.
@@ -660,7 +709,7 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
                   _tensor(policy, "rejected_tokens", "policy", why) if has_rejected else torch.ones_like(c))
     logps = _Logps(c, r, rc, rr, *tokens)
 
-    losses, metrics = _evaluate(cfg, plan, logps)
+    losses, metrics = _evaluate(cfg, plan, logps, (policy.get("desirable"), policy.get("kl")))
     rpo_alpha = _get(cfg, "rpo_alpha")
     if rpo_alpha is not None:
         nll = -logps.unit("mean")[0]  # RPO (v3 of the paper): per-token NLL of the chosen answer

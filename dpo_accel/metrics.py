@@ -24,7 +24,11 @@ def example_metrics(out, policy: dict) -> dict[str, torch.Tensor]:
     loss (a scalar per micro-batch) is reported as "aux_loss", the same value for each of its examples.
     """
     m = {"loss": out.losses.detach().float(), "logps/chosen": policy["chosen_logps"].detach().float()}
-    if "rejected_logps" in policy:
+    if "desirable" in policy:  # KTO rows: one completion each (its rejected side only estimates the KL)
+        d, reward = policy["desirable"].bool(), out.chosen_rewards.detach().float()
+        nan = torch.full_like(reward, float("nan"))  # averaged over the rows of that label only (PARTIAL_KEYS)
+        m.update({"rewards/desirable": torch.where(d, reward, nan), "rewards/undesirable": torch.where(d, nan, reward)})
+    elif "rejected_logps" in policy:
         m.update({
             "rewards/chosen": out.chosen_rewards.detach().float(),
             "rewards/rejected": out.rejected_rewards.detach().float(),
@@ -52,6 +56,9 @@ class Report:
     pairs: int
 
 
+# Per-example metrics that apply to some rows only (NaN elsewhere), averaged over the rows they apply to and
+# left out of a report that has none.
+PARTIAL_KEYS = ("rewards/desirable", "rewards/undesirable")
 COUNT_KEYS = ("chosen_input_ids", "rejected_input_ids", "chosen_attention_mask", "rejected_attention_mask")
 
 
@@ -89,7 +96,14 @@ class MetricAccumulator:
             piece = gathered[:, offset:offset + size].reshape(processes * size, len(keys))  # rank-major, as gathered
             pieces.append(piece[:keep] if keep is not None else piece)
             offset += size
-        means = {k: float(torch.cat([p[:, i].contiguous() for p in pieces]).mean()) for i, k in enumerate(keys)}
+        means = {}
+        for i, k in enumerate(keys):
+            values = torch.cat([p[:, i].contiguous() for p in pieces])
+            if k in PARTIAL_KEYS:
+                values = values[~values.isnan()]
+                if values.numel() == 0:  # no row of that kind since the last report: nothing to average
+                    continue
+            means[k] = float(values.mean())
         real = processed = 0.0
         for batch in batches:
             r, p = token_counts(batch, self.layout)

@@ -66,7 +66,7 @@ class DataConfig:
     train_split: str = "train"
     eval_split: Optional[str] = "eval"  # split used for held-out evaluation; null to carve one from train
     eval_fraction: float = 0.0  # when eval_split is missing: fraction of train held out (seeded)
-    format: str = "auto"  # auto | explicit | conversational | implicit | hh | sft
+    format: str = "auto"  # auto | explicit | conversational | implicit | hh | sft | unpaired (prompt, completion, label)
     max_length: int = 512  # prompt + answer tokens per sequence
     max_prompt_length: int = 256  # prompt tokens kept before the answer
     truncation_mode: str = "keep_end"  # keep_end | keep_start: which part of an over-long prompt is kept
@@ -94,6 +94,8 @@ class LossConfig:
     f_alpha_divergence_coef: float = 1.0  # alpha of alpha_divergence
     use_weighting: bool = False  # WPO per-pair weights
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
+    desirable_weight: float = 1.0  # KTO: weight of the desirable (label true) examples' loss
+    undesirable_weight: float = 1.0  # KTO: weight of the undesirable (label false) examples' loss
     # Weight of the router load-balancing loss added for mixture-of-experts policies (Mixtral, Qwen-MoE, OLMoE, ...),
     # as TRL does; null: the model config's router_aux_loss_coef; 0 turns it off. Dense models ignore it.
     router_aux_loss_coef: Optional[float] = None
@@ -179,7 +181,7 @@ class Recipe:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "reference.mode": ("auto", "copy", "adapter_off", "precomputed", "none"),
-    "data.format": ("auto", "explicit", "conversational", "implicit", "hh", "sft"),
+    "data.format": ("auto", "explicit", "conversational", "implicit", "hh", "sft", "unpaired"),
     "data.truncation_mode": ("keep_end", "keep_start"),
     "loss.f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     "train.optimizer": ("adamw", "rmsprop"),

@@ -133,7 +133,13 @@ PER_PAIR = {"sigmoid": paper_sigmoid, "ipo": paper_ipo, "hinge": paper_hinge, "r
             "exo_pair": paper_exo_pair, "bco_pair": paper_bco_pair, "sppo_hard": paper_sppo_hard,
             "nca_pair": paper_nca_pair, "apo_zero": paper_apo_zero, "apo_down": paper_apo_down,
             "discopop": paper_discopop, "simpo": paper_simpo, "orpo": paper_orpo, "sft": paper_sft}
-PER_BATCH = {"aot": paper_aot, "aot_unpaired": paper_aot_unpaired}
+def paper_kto(es, hp):  # KTO Eq. 8 with z_0 from the mismatched (rejected-side) log-ratios, as TRL estimates it
+    z = max(0.0, sum(e["r"] for e in es) / len(es))
+    return [hp.desirable_weight * (1 - sig(hp.beta * (e["c"] - z))) if e["d"]
+            else hp.undesirable_weight * (1 - sig(hp.beta * (z - e["c"]))) for e in es]
+
+
+PER_BATCH = {"aot": paper_aot, "aot_unpaired": paper_aot_unpaired, "kto": paper_kto}
 REFERENCE_FREE_REWARDS_ON_MEANS = {"simpo", "orpo", "sft"}
 
 
@@ -156,20 +162,22 @@ def make_batch(seed=0, n=B):
     pl = -(torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.05) * tl
     rw = pw + torch.randn(n, generator=g, dtype=torch.float64) * 2
     rl = pl + torch.randn(n, generator=g, dtype=torch.float64) * 2
-    return {"pw": pw, "pl": pl, "rw": rw, "rl": rl, "tw": tw, "tl": tl}
+    d = (torch.arange(n) % 3 != 0).double()  # KTO's labels (read by unpaired objectives only): 2 desirable in 3
+    return {"pw": pw, "pl": pl, "rw": rw, "rl": rl, "tw": tw, "tl": tl, "d": d}
 
 
 def dicts(b, dtype=torch.float64, requires_grad=False):
     policy = {"chosen_logps": b["pw"].to(dtype).requires_grad_(requires_grad),
               "rejected_logps": b["pl"].to(dtype).requires_grad_(requires_grad),
-              "chosen_tokens": b["tw"].to(dtype), "rejected_tokens": b["tl"].to(dtype)}
+              "chosen_tokens": b["tw"].to(dtype), "rejected_tokens": b["tl"].to(dtype), "desirable": b["d"].bool()}
     reference = {"chosen_logps": b["rw"].to(dtype), "rejected_logps": b["rl"].to(dtype)}
     return policy, reference
 
 
 def cfg_for(name, **overrides):
     """A valid LossConfig for one objective, with every hyperparameter it declares moved off its default."""
-    moved = {"beta": 0.3, "label_smoothing": 0.1, "simpo_gamma": 0.7, "orpo_lambda": 0.25, "discopop_tau": 0.2}
+    moved = {"beta": 0.3, "label_smoothing": 0.1, "simpo_gamma": 0.7, "orpo_lambda": 0.25, "discopop_tau": 0.2,
+             "desirable_weight": 1.3, "undesirable_weight": 0.7}
     kw = {k: v for k, v in moved.items() if k in LOSSES[name].hyperparameters}
     kw.update(overrides)
     return LossConfig(loss_type=name, **kw)
@@ -233,7 +241,7 @@ def test_objective_is_finite_on_extreme_inputs(name):
     pw = torch.tensor([-1.0, -3000.0, 0.0, -50.0], requires_grad=True)
     pl = torch.tensor([-3000.0, -1.0, -2.0, -0.0], requires_grad=True)
     policy = {"chosen_logps": pw, "rejected_logps": pl, "chosen_tokens": torch.tensor([1.0, 30, 1, 5]),
-              "rejected_tokens": torch.tensor([30.0, 1, 1, 1])}
+              "rejected_tokens": torch.tensor([30.0, 1, 1, 1]), "desirable": torch.tensor([True, False, True, False])}
     reference = {"chosen_logps": torch.tensor([-1000.0, -1.0, -900.0, -1.0]),
                  "rejected_logps": torch.tensor([-1.0, -1000.0, -1.0, -900.0])}
     out = compute_objective(cfg_for(name), policy, reference)
@@ -531,7 +539,7 @@ def test_long_token_counts_and_float32_inputs():
 PERTURB = {  # field: (base value, moved value)
     "beta": (0.1, 0.37), "label_smoothing": (1e-3, 0.15), "ipo_token_average": (True, False),
     "simpo_gamma": (0.5, 1.3), "orpo_lambda": (0.1, 0.6), "f_divergence_type": ("reverse_kl", "js_divergence"),
-    "discopop_tau": (0.05, 0.4),
+    "discopop_tau": (0.05, 0.4), "desirable_weight": (1.0, 1.4), "undesirable_weight": (1.0, 0.6),
 }
 
 
@@ -637,7 +645,7 @@ def test_adam_on_free_logps_lowers_loss_and_widens_margin(name):
     def step():
         logps = -F.softplus(theta) * tokens
         policy = {"chosen_logps": logps[0], "rejected_logps": logps[1], "chosen_tokens": tokens,
-                  "rejected_tokens": tokens}
+                  "rejected_tokens": tokens, "desirable": torch.ones(n, dtype=torch.bool)}  # KTO: raise them all
         return compute_objective(cfg, policy, reference)
 
     first = step()
