@@ -57,6 +57,14 @@ class PairSegments:
         self.windows, self.layer_types = windows, layer_types
         self._masks: dict = {}
 
+    def query_sizes(self) -> list[int]:
+        """Split sizes of the packed row for queries: per pair, its chosen row, then its rejected rest."""
+        return [n for c, length in zip(self.chosen, self.lengths) for n in (c, length - c)]
+
+    def key_sizes(self) -> list[int]:
+        """Split sizes for keys and values: per pair, the shared prefix, the chosen rest, the rejected rest."""
+        return [n for c, s, length in zip(self.chosen, self.shared, self.lengths) for n in (s, c - s, length - c)]
+
     def window_of(self, module: torch.nn.Module) -> Optional[int]:
         """The sliding window of the layer this attention module belongs to (None: plain causal)."""
         if self.layer_types is not None:
@@ -145,18 +153,21 @@ def pair_attention(module, query, key, value, attention_mask, dropout: float = 0
 
         return flex_attention_forward(module, query, key, value, pair_segments.block_mask(window, query.device),
                                       scaling=scaling, **kwargs)
+    # One split per tensor, not a slice per pair: a slice's backward writes into a zeroed copy of the whole
+    # row, so per-pair slicing would cost O(pairs x row) per layer; split's backward is one concatenation.
+    q_parts = query.split(pair_segments.query_sizes(), dim=2)  # per pair: chosen, rejected rest
+    k_parts = key.split(pair_segments.key_sizes(), dim=2)  # per pair: shared, chosen rest, rejected rest
+    v_parts = value.split(pair_segments.key_sizes(), dim=2)
     outs = []
-    for b, o in enumerate(pair_segments.offsets):
-        c, s, n = pair_segments.chosen[b], pair_segments.shared[b], pair_segments.lengths[b]
-        part = slice(o, o + c)
-        outs.append(sdpa_attention_forward(module, query[:, :, part], key[:, :, part], value[:, :, part],
+    for b in range(len(pair_segments.offsets)):
+        q_c, q_r = q_parts[2 * b], q_parts[2 * b + 1]
+        k_s, k_c, k_r = k_parts[3 * b:3 * b + 3]
+        v_s, v_c, v_r = v_parts[3 * b:3 * b + 3]
+        outs.append(sdpa_attention_forward(module, q_c, torch.cat([k_s, k_c], dim=2), torch.cat([v_s, v_c], dim=2),
                                            pair_segments.chosen_mask(b, window, query.device), dropout=dropout,
                                            scaling=scaling, is_causal=True, **kwargs)[0])
-        if n > c:  # the rejected rest against the rejected row's keys: [shared | rejected rest]
-            rest = slice(o + c, o + n)
-            k = torch.cat([key[:, :, o:o + s], key[:, :, rest]], dim=2)
-            v = torch.cat([value[:, :, o:o + s], value[:, :, rest]], dim=2)
-            outs.append(sdpa_attention_forward(module, query[:, :, rest], k, v,
+        if q_r.shape[2]:  # the rejected rest against the rejected row's keys: [shared | rejected rest]
+            outs.append(sdpa_attention_forward(module, q_r, torch.cat([k_s, k_r], dim=2), torch.cat([v_s, v_r], dim=2),
                                                pair_segments.rejected_mask(b, window, query.device), dropout=dropout,
                                                scaling=scaling, is_causal=False, **kwargs)[0])
     return torch.cat(outs, dim=1), None
