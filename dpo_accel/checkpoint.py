@@ -20,6 +20,28 @@ from dpo_accel.recipe import Recipe, RecipeError, dump_recipe
 STATE_FILE = "trainer_state.json"
 
 
+class NonFiniteError(RuntimeError):
+    """Training reached non-finite values: too many non-finite steps in a row, or weights about to be saved."""
+
+
+def check_finite(accelerator, model, what: str) -> None:
+    """Refuse to write `what` (a checkpoint, the export) from weights holding a NaN or an infinity: every
+    process counts its (local shard of the) trainable weights, one all-reduce, all raise together."""
+    import torch
+
+    bad = torch.zeros((), device=accelerator.device)
+    for p in model.parameters():
+        if p.requires_grad:  # frozen weights are the loaded ones
+            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 shards
+            local = getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else local  # ZeRO-3
+            bad += (~torch.isfinite(local.detach())).sum().to(bad.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if float(bad):
+        raise NonFiniteError(f"{int(bad)} trainable weights are NaN or infinite; {what} not written (the previous "
+                             "one is kept); lower train.learning_rate or loss.beta")
+
+
 def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
@@ -74,12 +96,15 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, total_limit: int) -> str:
-    """Save a resumable checkpoint for `state['global_step']`; every process must call this."""
+def save_checkpoint(accelerator, output_dir: str, state: dict, recipe: Recipe, total_limit: int, model=None) -> str:
+    """Save a resumable checkpoint for `state['global_step']`; every process must call this. With `model`
+    (the prepared policy), weights holding a NaN or an infinity are refused before anything is written."""
     step = int(state["global_step"])
     root = checkpoint_dir(output_dir)
     final = os.path.join(root, f"checkpoint-{step:07d}")
     tmp = temp_path(final)  # one name on every process: all of them write into it
+    if model is not None:
+        check_finite(accelerator, model, f"checkpoint-{step:07d}")
     if accelerator.is_main_process:
         remove(tmp)
         os.makedirs(tmp, exist_ok=True)
@@ -116,6 +141,7 @@ def export_model(accelerator, model, tokenizer, recipe: Recipe, output_dir: str,
     """
     from dpo_accel.distributed import export_from_copy, gathered_copy
 
+    check_finite(accelerator, model, "the export")
     wrapper = accelerator.unwrap_model(model)  # the PreferenceLogpsModel given to prepare()
     unwrapped = wrapper.model
     # Gathers sharded (FSDP / ZeRO-3) weights onto the main process (ZeRO-3 returns None elsewhere);

@@ -33,6 +33,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16: dtype the policy weights are loaded in
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null (library default)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
+    allow_pickle_weights: bool = False  # also load .bin/.pt weights (pickle can run code); default: safetensors only
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing (less memory, ~30% slower)
     load_in_4bit: bool = False  # QLoRA: frozen base in 4-bit NF4 via bitsandbytes (CUDA only; needs lora.use_peft)
 
@@ -122,6 +123,9 @@ class TrainConfig:
     eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
     save_steps: int = 0  # checkpoint every N optimizer steps (0: none)
     save_total_limit: int = 2  # checkpoints kept
+    # optimizer steps in a row whose loss or gradient norm is not finite (each skipped: weights, optimizer and
+    # scheduler untouched) before the run stops with an error
+    max_nonfinite_steps: int = 3
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers through Accelerate
     export_merged: bool = True  # with LoRA: also save the merged full model at the end
     logps_chunk_size: int = 256  # label positions per LM-head chunk at most (the [2B, T, V] logits never exist)
@@ -306,6 +310,7 @@ def validate(recipe: Recipe) -> Recipe:
             shown = ", ".join(str(a) for a in allowed if a is not None)
             raise RecipeError(f"recipe key '{key}' is {value!r}; choose one of: {shown}")
     d, t, l = recipe.data, recipe.train, recipe.loss
+    check_numbers(recipe)
     if d.max_prompt_length >= d.max_length:
         raise RecipeError(
             f"data.max_prompt_length ({d.max_prompt_length}) must be smaller than data.max_length ({d.max_length})")
@@ -364,6 +369,32 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("lora.init_adapter with lora.use_peft needs train.export_merged: true (the new adapter is "
                           "relative to base + init_adapter, so only the merged model/ is usable on its own)")
     return recipe
+
+
+def check_numbers(recipe: Recipe) -> None:
+    """Values that can only train NaN or never act: a non-finite number anywhere, an interval of 0 that
+    would divide, a probability out of range, a negative seed (one line each)."""
+    import math
+
+    for section, values in recipe_to_dict(recipe).items():
+        for key, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{section}.{key} is {value}; only a finite number can train (a non-finite one "
+                                  "makes every loss NaN)")
+    t, lora = recipe.train, recipe.lora
+    if t.logging_steps < 1:
+        raise RecipeError(f"train.logging_steps must be at least 1 (log every N steps), got {t.logging_steps}")
+    for key in ("eval_steps", "save_steps"):
+        if getattr(t, key) < 0:
+            raise RecipeError(f"train.{key} must be >= 0 (0: never), got {getattr(t, key)}")
+    if t.max_nonfinite_steps < 1:
+        raise RecipeError(f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
+    if not 0.0 <= lora.lora_dropout < 1.0:
+        raise RecipeError(f"lora.lora_dropout must be in [0, 1), got {lora.lora_dropout}")
+    if t.seed < 0:
+        raise RecipeError(f"train.seed must be >= 0, got {t.seed}")
+    if t.max_grad_norm < 0:
+        raise RecipeError(f"train.max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}")
 
 
 def recipe_from_dict(raw: Optional[dict]) -> Recipe:

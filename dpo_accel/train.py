@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpo_accel.checkpoint import export_model, load_checkpoint, save_checkpoint
+from dpo_accel.checkpoint import NonFiniteError, export_model, load_checkpoint, save_checkpoint
 from dpo_accel.console import log
 from dpo_accel.evaluate import evaluate_preferences, generation_report
 from dpo_accel.kto import kto_inputs
@@ -205,7 +205,24 @@ def log_metrics(accelerator, output_dir: str, metrics: dict, step: int) -> None:
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(strict_json({"step": step, **metrics}) + "\n")
+
+
+def strict_json(value, indent=None) -> str:
+    """JSON any parser reads: a non-finite number becomes null and its key is listed under "nonfinite"
+    (json.dumps would write the bare NaN / Infinity tokens that strict JSON has no room for)."""
+    def clean(v):
+        if isinstance(v, dict):
+            bad = [k for k, x in v.items() if isinstance(x, float) and not math.isfinite(x)]
+            out = {k: clean(x) for k, x in v.items()}
+            if bad:
+                out["nonfinite"] = sorted(set(out.get("nonfinite", [])) | set(bad))
+            return out
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.dumps(clean(value), indent=indent, allow_nan=False)
 
 
 def truncate_metrics(output_dir: str, step: int) -> None:
@@ -231,7 +248,7 @@ def truncate_metrics(output_dir: str, step: int) -> None:
 
 def write_json(path: str, value) -> None:
     with open(path, "w") as f:
-        json.dump(value, f, indent=1)
+        f.write(strict_json(value, indent=1))
 
 
 @dataclass
@@ -256,6 +273,11 @@ class Session:
     step: int
     started: float
     eval_rows: Any = None  # the held-out rows of `prompts` (their chosen answers, for scorers and the judge)
+    skipped: bool = False  # the last optimizer step was skipped: its loss or gradient norm was not finite
+    nonfinite_in_a_row: int = 0
+    nonfinite_steps: int = 0
+    window_bad: Any = None  # this accumulation window's count of non-finite losses (a tensor: no sync per micro-step)
+
 
 
 def run(recipe: Recipe, resume: bool = False) -> dict:
@@ -365,10 +387,15 @@ def train_loop(s: Session) -> None:
             if not accelerator.sync_gradients:
                 continue
             lr = s.scheduler.get_last_lr()[0]
-            s.scheduler.step()
             s.step += 1
             bar.update(1)
-            if s.step % t.logging_steps == 0 or s.step == s.max_steps:
+            if s.skipped:
+                skip_step(s, acc, grad_norm, lr, epoch, bar)
+                last_log = time.perf_counter()
+            else:
+                s.scheduler.step()
+                s.nonfinite_in_a_row = 0
+            if not s.skipped and (s.step % t.logging_steps == 0 or s.step == s.max_steps):
                 elapsed = time.perf_counter() - last_log
                 report = acc.collect()
                 metrics = {**report.means, "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
@@ -386,11 +413,31 @@ def train_loop(s: Session) -> None:
             if t.save_steps and s.step % t.save_steps == 0:
                 state = {"global_step": s.step, "epoch": epoch, "steps_per_epoch": s.steps_per_epoch,
                          "num_processes": s.plan.geometry.processes, "train_fingerprint": s.train_fingerprint}
-                save_checkpoint(accelerator, t.output_dir, state, s.plan.recipe, t.save_total_limit)
+                save_checkpoint(accelerator, t.output_dir, state, s.plan.recipe, t.save_total_limit, s.model)
                 last_log = time.perf_counter()
             if s.step >= s.max_steps:
                 break
     bar.close()
+
+
+def skip_step(s: Session, acc, grad_norm, lr: float, epoch: int, bar) -> None:
+    """A step whose loss or gradient norm was not finite: nothing changed (weights, optimizer, scheduler),
+    the data position moved on. Logged on its own line; too many in a row stop the run."""
+    s.nonfinite_steps += 1
+    s.nonfinite_in_a_row += 1
+    report = acc.collect()  # every process skipped (the flag was reduced): a collective is safe here
+    log_metrics(s.accelerator, s.plan.recipe.train.output_dir,
+                {**report.means, "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
+                 "skipped": True, "nonfinite_steps": s.nonfinite_steps}, s.step)
+    limit = s.plan.recipe.train.max_nonfinite_steps
+    log(f"step {s.step}: loss or gradient norm not finite (grad norm {float(grad_norm)}); step skipped, weights, "
+        f"optimizer and scheduler unchanged ({s.nonfinite_in_a_row} in a row, train.max_nonfinite_steps {limit})")
+    if s.nonfinite_in_a_row >= limit:
+        bar.close()  # the error line below it, not inside it
+        raise NonFiniteError(
+            f"{limit} optimizer steps in a row (to step {s.step}) had a non-finite loss or gradient norm; the run "
+            f"stopped with its weights from before them (last checkpoint in {s.plan.recipe.train.output_dir}/checkpoints)"
+            "; lower train.learning_rate or loss.beta, or raise train.max_nonfinite_steps")
 
 
 def epoch_batches(s: Session, epoch: int):
@@ -410,18 +457,36 @@ def micro_step(s: Session, batch: dict, grad_norm):
     """Forward, objective, backward; at the end of an accumulation window also clip and step (Accelerate
     skips the step and the gradient sync inside the window). Returns the loss output, the policy's
     log-probs and the latest gradient norm."""
+    if s.window_bad is None or s.accelerator.sync_gradients:  # the previous micro-step closed a window
+        s.window_bad = torch.zeros((), device=s.accelerator.device)
     with s.accelerator.accumulate(s.model):
         policy_logps, reference = s.model(**batch), s.reference.logps(batch, "train")
         if s.plan.objective.unpaired:  # KTO: labels and the reference point over all processes
             policy_logps = kto_inputs(s.accelerator, batch, policy_logps, reference)
         out = compute_objective(s.plan.objective, policy_logps, reference)
+        s.window_bad = s.window_bad + (~torch.isfinite(out.loss.detach())).float()
         s.accelerator.backward(out.loss)
+        s.skipped = False
         if s.accelerator.sync_gradients:
             max_norm = s.plan.recipe.train.max_grad_norm or float("inf")
             grad_norm = s.accelerator.clip_grad_norm_(s.model.parameters(), max_norm)
-        s.optimizer.step()
+            s.skipped = not all_finite(s.accelerator, s.window_bad, grad_norm)
+        if not s.skipped:  # inside the window Accelerate's step is a no-op; a skipped step only drops its gradients
+            s.optimizer.step()
         s.optimizer.zero_grad()
     return out, policy_logps, grad_norm
+
+
+def all_finite(accelerator, window_bad, grad_norm) -> bool:
+    """Whether every process's losses in this accumulation window and the gradient norm are finite: one
+    all-reduce, so every process skips the same steps. (Under DeepSpeed the engine steps inside backward:
+    a non-finite step is counted and stops the run after train.max_nonfinite_steps, but is not undone.)"""
+    # DeepSpeed may not report a norm (None): then the losses decide.
+    norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=window_bad.device).float()
+    bad = window_bad + (~torch.isfinite(norm)).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return float(bad) == 0
 
 
 def finish(s: Session) -> dict:
@@ -551,6 +616,9 @@ def main(argv=None) -> int:
         execute(plan)
     except RecipeError as e:  # the checks that need the accelerator or the data (launch, resume position)
         return refuse(e)
+    except NonFiniteError as e:  # the run diverged: not a refusal, a stop (exit 3)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

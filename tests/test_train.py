@@ -209,3 +209,69 @@ def test_main_job_command_runs_on_the_real_smollm2(smol_dir, tmp_path):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["global_step"] == 2 and set(summary["exported"]) == {"adapter", "model"}
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [2]  # logging_steps 5: the last step is logged
+
+
+def poison_steps(monkeypatch, steps: set):
+    """Make the loss NaN on the micro-batches of the given optimizer steps (1-based, one micro-batch each)."""
+    real, calls = train.compute_objective, []
+
+    def objective(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in steps:
+            out.loss, out.losses = out.loss * float("nan"), out.losses * float("nan")
+        return out
+
+    monkeypatch.setattr(train, "compute_objective", objective)
+
+
+def test_a_non_finite_step_is_skipped_and_logged_as_strict_json(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    poison_steps(monkeypatch, {2})
+    out = str(tmp_path / "run")
+    summary = train.run(load_recipe(None, tiny_overrides(tiny_model_dir, out, **{
+        "train.save_steps": 2, "train.lr_scheduler_type": "linear", "eval.do_eval": False})))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        text = f.read()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = [json.loads(line) for line in text.splitlines()]
+    skipped = [r for r in rows if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [2] and skipped[0]["loss"] is None
+    assert {"loss", "grad_norm"} <= set(skipped[0]["nonfinite"])
+    lrs = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r and not r.get("skipped")}
+    assert skipped[0]["learning_rate"] == lrs[3]  # the scheduler did not move over the skipped step
+    assert summary["global_step"] == 4
+    for name, tensor in load_file(os.path.join(out, "model", "model.safetensors")).items():
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_in_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    poison_steps(monkeypatch, {2, 3, 4})
+    out = str(tmp_path / "run")
+    args = tiny_overrides_args(tiny_model_dir, out) + ["--set", "train.max_nonfinite_steps=2",
+                                                       "--set", "train.save_steps=1", "--set", "eval.do_eval=false"]
+    assert train.main(args) == 3
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error: 2 optimizer steps in a row (to step 3)"), err
+    assert not os.path.exists(os.path.join(out, "model"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["checkpoint-0000001", "checkpoint-0000002"]
+
+
+def test_weights_with_a_nan_are_never_saved(tiny_model_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from dpo_accel.checkpoint import NonFiniteError, check_finite
+
+    model = torch.nn.Linear(2, 2)
+    accelerator = Accelerator(cpu=True)
+    check_finite(accelerator, model, "the export")
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="1 trainable weights are NaN or infinite; the export not written"):
+        check_finite(accelerator, model, "the export")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error:` lines of stderr (progress bars share it)."""
+    return [line.split("\r")[-1] for line in stderr.splitlines() if line.split("\r")[-1].startswith("error:")]
