@@ -499,7 +499,8 @@ def _normalise_row(row: dict, i: int, fmt: str, split: str) -> dict:
 
 
 def normalise_split(ds, fmt: str = "auto", split: str = "train"):
-    """Rows of any supported format -> prompt/chosen/rejected rows (other columns dropped).
+    """Rows of any supported format -> prompt/chosen/rejected rows (other columns dropped but a reward dataset's
+    ``margin``).
 
     Checks every row first (column present, right type, non-empty answer) and raises a one-line
     DataError naming the row index and the column. Cached by datasets like any map.
@@ -516,8 +517,11 @@ def normalise_split(ds, fmt: str = "auto", split: str = "train"):
             raise DataError(f"split '{split}' has no column '{col}' (columns: {sorted(cols)}), which data.format "
                             f"'{fmt}' needs; rename the column or set data.format")
     fingerprint = _hash("normalise", ds._fingerprint, fmt, split)
-    return ds.map(_normalise_row, with_indices=True, fn_kwargs={"fmt": fmt, "split": split},
-                  remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=f"normalise {split} ({fmt})")
+    out = ds.map(_normalise_row, with_indices=True, fn_kwargs={"fmt": fmt, "split": split},
+                 remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=f"normalise {split} ({fmt})")
+    if "margin" in cols:  # a reward dataset's per-pair margin (TRL's RewardTrainer), read by loss_type bradley_terry
+        out = out.add_column("margin", ds["margin"], new_fingerprint=_hash("margin", fingerprint))
+    return out
 
 
 # ---------------------------------------------------------------------------------- tokenising

@@ -74,6 +74,9 @@ class Pair:
     # ``desirable`` [B] bool is the row's label, ``kl`` the reference point gathered by the loop (kto.kto_inputs).
     desirable: Optional[Tensor] = None
     kl: Optional[Tensor] = None
+    # Reward models (bradley_terry): chosen/rejected are the model's scalar rewards; ``margin`` [B] a dataset's
+    # per-pair margin column (TRL's RewardTrainer), or None.
+    margin: Optional[Tensor] = None
 
     @property
     def chosen_logratio(self) -> Tensor:
@@ -96,7 +99,8 @@ class LossSpec:
     for objectives whose ``losses[i]`` is a batch quantile rather than pair i's loss (AOT sorts the batch);
     ``needs_rejected`` is False for objectives that read only the chosen answer (SFT), which therefore also
     run on sft-format data that has no rejected answers. ``unpaired`` objectives (KTO) train on labelled
-    single completions (``Pair.desirable``) and run alone.
+    single completions (``Pair.desirable``) and run alone; ``reward_model`` objectives (Bradley-Terry) train a
+    sequence classifier whose scalar outputs stand in for the log-probs (dpo_accel/reward.py), alone too.
     """
 
     name: str
@@ -110,6 +114,7 @@ class LossSpec:
     pairwise: bool = True
     needs_rejected: bool = True
     unpaired: bool = False
+    reward_model: bool = False
 
     def unit(self, cfg: Any) -> str:
         if self.logps_toggle is not None and not _get(cfg, self.logps_toggle):
@@ -145,7 +150,8 @@ LOSSES: dict[str, LossSpec] = {}
 
 def _objective(name: str, *, formula: str, paper: str, hyperparameters: tuple[str, ...],
                needs_reference: bool = True, logps: str = "sum", logps_toggle: Optional[str] = None,
-               pairwise: bool = True, needs_rejected: bool = True, unpaired: bool = False):
+               pairwise: bool = True, needs_rejected: bool = True, unpaired: bool = False,
+               reward_model: bool = False):
     """Register ``fn`` under ``name``; the registry is the single source of the table and the dispatch."""
     unknown = [h for h in hyperparameters if h not in _DEFAULTS]
     if unknown or logps not in UNITS or name in LOSSES or "|" in formula:
@@ -153,7 +159,7 @@ def _objective(name: str, *, formula: str, paper: str, hyperparameters: tuple[st
 
     def register(fn: Callable[[Pair, Any], Terms]) -> Callable[[Pair, Any], Terms]:
         LOSSES[name] = LossSpec(name, fn, formula, paper, hyperparameters, needs_reference, logps, logps_toggle,
-                                pairwise, needs_rejected, unpaired)
+                                pairwise, needs_rejected, unpaired, reward_model)
         return fn
 
     return register
@@ -435,6 +441,25 @@ def kto(p: Pair, hp: Any) -> Terms:
     return losses, {"kl": z.expand_as(c).detach()}
 
 
+@_objective("bradley_terry", formula="-log σ(π_w - π_l - m) + η(π_w + π_l)², π the reward model's outputs",
+            paper=("Bradley & Terry 1952 pairwise model; reward-model training as in Ouyang et al. 2022 (arXiv:2203.02155), "
+                   "margin m from Touvron et al. 2023 (arXiv:2307.09288), η centering from Eisenstein et al. 2023 "
+                   "(arXiv:2312.09244); trains an AutoModelForSequenceClassification"),
+            hyperparameters=("center_rewards_coefficient",), needs_reference=False, reward_model=True)
+def bradley_terry(p: Pair, hp: Any) -> Terms:
+    """A reward model's loss, as TRL's RewardTrainer: -log σ(r(x, y_w) - r(x, y_l) - m) with the dataset's margin m
+    (0 without a margin column), plus η·(r_w + r_l)² (TRL: η·mean over the batch) pulling rewards to mean 0.
+    ``p.chosen``/``p.rejected`` are the model's scalar rewards, not log-probs.
+    """
+    diff = p.chosen - p.rejected
+    if p.margin is not None:
+        diff = diff - p.margin.to(diff.dtype)
+    losses = -F.logsigmoid(diff)
+    if hp.center_rewards_coefficient:
+        losses = losses + hp.center_rewards_coefficient * (p.chosen + p.rejected) ** 2
+    return losses, {}
+
+
 # Additions that apply on top of any objective (rows of the second README table).
 MODIFIERS: tuple[tuple[str, str, str], ...] = (
     ("loss_type: [a, b] + loss_weights", "Σ_i w_i L_i", "TRL's multi-loss DPO, e.g. MPO (arXiv:2411.10442)"),
@@ -502,11 +527,11 @@ def _plan(cfg: Any) -> list[tuple[LossSpec, float]]:
     fdiv = _get(cfg, "f_divergence_type")
     if fdiv not in F_DIVERGENCES:
         raise ValueError(f"unknown loss.f_divergence_type '{fdiv}'{_closest(fdiv, F_DIVERGENCES)}")
-    unpaired = [n for n in names if LOSSES[n].unpaired]
+    unpaired = [n for n in names if LOSSES[n].unpaired or LOSSES[n].reward_model]
     if unpaired and (len(names) > 1 or _get(cfg, "rpo_alpha") is not None or _get(cfg, "use_weighting")):
-        raise ValueError(f"loss_type '{unpaired[0]}' trains on labelled single completions: use it alone, without "
-                         "loss.rpo_alpha or loss.use_weighting (they read a chosen answer of a pair)")
-    if unpaired and not (_get(cfg, "desirable_weight") > 0 and _get(cfg, "undesirable_weight") > 0):
+        raise ValueError(f"loss_type '{unpaired[0]}' trains {'a reward model' if LOSSES[unpaired[0]].reward_model else 'on labelled single completions'}: use it alone, without "
+                         "loss.rpo_alpha or loss.use_weighting (they read a policy's log-probs of a pair)")
+    if any(LOSSES[n].unpaired for n in names) and not (_get(cfg, "desirable_weight") > 0 and _get(cfg, "undesirable_weight") > 0):
         raise ValueError("loss.desirable_weight and loss.undesirable_weight must be positive")
     rpo = _get(cfg, "rpo_alpha")
     if rpo is not None and not (isinstance(rpo, (int, float)) and rpo >= 0):
@@ -557,6 +582,7 @@ class LossPlan:
     needs_rejected: bool
     wpo: bool
     unpaired: bool = False  # KTO: labelled single completions (the loop adds labels and the gathered KL)
+    reward_model: bool = False  # bradley_terry: the run trains a sequence classifier (dpo_accel/reward.py)
 
 
 def plan_loss(cfg: Any) -> LossPlan:
@@ -566,7 +592,7 @@ def plan_loss(cfg: Any) -> LossPlan:
     terms = tuple(validate_loss_config(cfg))
     wpo = bool(_get(cfg, "use_weighting"))
     return LossPlan(cfg, terms, _needs_reference(cfg, terms), wpo or any(s.needs_rejected for s, _ in terms), wpo,
-                    any(s.unpaired for s, _ in terms))
+                    any(s.unpaired for s, _ in terms), any(s.reward_model for s, _ in terms))
 
 
 def _resolved(cfg: Any) -> tuple[Any, tuple[tuple[LossSpec, float], ...]]:
@@ -629,9 +655,9 @@ def _hyper_view(cfg: Any, names: tuple[str, ...]) -> types.SimpleNamespace:
 
 
 def _evaluate(cfg: Any, plan: list[tuple[LossSpec, float]], logps: _Logps,
-              unpaired: tuple = (None, None)) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of the objectives' per-example losses [B] and their metrics; ``unpaired``: KTO's
-    (desirable, kl), see Pair."""
+              extra: tuple = (None, None, None)) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the objectives' per-example losses [B] and their metrics; ``extra``: KTO's
+    (desirable, kl) and a reward model's margin, see Pair."""
     fprime = F_DIVERGENCES[_get(cfg, "f_divergence_type")]
     coef = float(_get(cfg, "f_alpha_divergence_coef"))
     total: Any = 0.0
@@ -642,7 +668,7 @@ def _evaluate(cfg: Any, plan: list[tuple[LossSpec, float]], logps: _Logps,
             delta = fprime(c - rc, coef) - fprime(r - rr, coef)
         else:
             delta = (c - rc) - (r - rr)
-        losses, extra = spec.fn(Pair(c, r, rc, rr, delta, *unpaired), _hyper_view(cfg, spec.hyperparameters))
+        losses, extra = spec.fn(Pair(c, r, rc, rr, delta, *extra), _hyper_view(cfg, spec.hyperparameters))
         total = total + weight * losses
         metrics.update(extra)
         if len(plan) > 1:
@@ -651,6 +677,8 @@ def _evaluate(cfg: Any, plan: list[tuple[LossSpec, float]], logps: _Logps,
 
 
 def _rewards(cfg: Any, plan, logps: _Logps, with_reference: bool) -> tuple[Tensor, Tensor]:
+    if plan[0][0].reward_model:  # the reward model's own outputs
+        return logps.sums[0].detach(), logps.sums[1].detach()
     unit = "sum" if with_reference else plan[0][0].unit(cfg)
     c, r, rc, rr = logps.unit(unit)
     beta = _get(cfg, "beta")
@@ -709,7 +737,7 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
                   _tensor(policy, "rejected_tokens", "policy", why) if has_rejected else torch.ones_like(c))
     logps = _Logps(c, r, rc, rr, *tokens)
 
-    losses, metrics = _evaluate(cfg, plan, logps, (policy.get("desirable"), policy.get("kl")))
+    losses, metrics = _evaluate(cfg, plan, logps, (policy.get("desirable"), policy.get("kl"), policy.get("margin")))
     rpo_alpha = _get(cfg, "rpo_alpha")
     if rpo_alpha is not None:
         nll = -logps.unit("mean")[0]  # RPO (v3 of the paper): per-token NLL of the chosen answer

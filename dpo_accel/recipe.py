@@ -97,6 +97,7 @@ class LossConfig:
     discopop_tau: float = 0.05  # DiscoPOP mixing temperature
     desirable_weight: float = 1.0  # KTO: weight of the desirable (label true) examples' loss
     undesirable_weight: float = 1.0  # KTO: weight of the undesirable (label false) examples' loss
+    center_rewards_coefficient: Optional[float] = None  # bradley_terry: weight of (r_w + r_l)^2 (TRL's name)
     # Weight of the router load-balancing loss added for mixture-of-experts policies (Mixtral, Qwen-MoE, OLMoE, ...),
     # as TRL does; null: the model config's router_aux_loss_coef; 0 turns it off. Dense models ignore it.
     router_aux_loss_coef: Optional[float] = None

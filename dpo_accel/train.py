@@ -287,6 +287,10 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
 
 def execute(plan: Plan) -> dict:
     """Run a preflighted plan: setup, the train loop, the finish."""
+    if plan.objective.reward_model:  # loss_type bradley_terry trains a sequence classifier instead
+        from dpo_accel.reward import run_reward
+
+        return run_reward(plan)
     session = setup(plan)
     train_loop(session)
     return finish(session)

@@ -129,10 +129,15 @@ def paper_sft(e, hp):  # per-token NLL of the chosen answer
     return -e["mw"]
 
 
+def paper_bradley_terry(e, hp):  # reward model: -log σ(r_w - r_l - m) + η (r_w + r_l)², the rewards in pw / pl
+    return -lsig(e["pw"] - e["pl"] - e["m"]) + (hp.center_rewards_coefficient or 0.0) * (e["pw"] + e["pl"]) ** 2
+
+
 PER_PAIR = {"sigmoid": paper_sigmoid, "ipo": paper_ipo, "hinge": paper_hinge, "robust": paper_robust,
             "exo_pair": paper_exo_pair, "bco_pair": paper_bco_pair, "sppo_hard": paper_sppo_hard,
             "nca_pair": paper_nca_pair, "apo_zero": paper_apo_zero, "apo_down": paper_apo_down,
-            "discopop": paper_discopop, "simpo": paper_simpo, "orpo": paper_orpo, "sft": paper_sft}
+            "discopop": paper_discopop, "simpo": paper_simpo, "orpo": paper_orpo, "sft": paper_sft,
+            "bradley_terry": paper_bradley_terry}
 def paper_kto(es, hp):  # KTO Eq. 8 with z_0 from the mismatched (rejected-side) log-ratios, as TRL estimates it
     z = max(0.0, sum(e["r"] for e in es) / len(es))
     return [hp.desirable_weight * (1 - sig(hp.beta * (e["c"] - z))) if e["d"]
@@ -141,6 +146,7 @@ def paper_kto(es, hp):  # KTO Eq. 8 with z_0 from the mismatched (rejected-side)
 
 PER_BATCH = {"aot": paper_aot, "aot_unpaired": paper_aot_unpaired, "kto": paper_kto}
 REFERENCE_FREE_REWARDS_ON_MEANS = {"simpo", "orpo", "sft"}
+REWARDS_AS_GIVEN = {"bradley_terry"}  # a reward model's outputs are its rewards
 
 
 def paper_losses(name, b, hp):
@@ -163,13 +169,15 @@ def make_batch(seed=0, n=B):
     rw = pw + torch.randn(n, generator=g, dtype=torch.float64) * 2
     rl = pl + torch.randn(n, generator=g, dtype=torch.float64) * 2
     d = (torch.arange(n) % 3 != 0).double()  # KTO's labels (read by unpaired objectives only): 2 desirable in 3
-    return {"pw": pw, "pl": pl, "rw": rw, "rl": rl, "tw": tw, "tl": tl, "d": d}
+    m = torch.linspace(0.0, 2.0, n, dtype=torch.float64)  # a reward dataset's margins (read by bradley_terry only)
+    return {"pw": pw, "pl": pl, "rw": rw, "rl": rl, "tw": tw, "tl": tl, "d": d, "m": m}
 
 
 def dicts(b, dtype=torch.float64, requires_grad=False):
     policy = {"chosen_logps": b["pw"].to(dtype).requires_grad_(requires_grad),
               "rejected_logps": b["pl"].to(dtype).requires_grad_(requires_grad),
-              "chosen_tokens": b["tw"].to(dtype), "rejected_tokens": b["tl"].to(dtype), "desirable": b["d"].bool()}
+              "chosen_tokens": b["tw"].to(dtype), "rejected_tokens": b["tl"].to(dtype), "desirable": b["d"].bool(),
+              "margin": b["m"]}
     reference = {"chosen_logps": b["rw"].to(dtype), "rejected_logps": b["rl"].to(dtype)}
     return policy, reference
 
@@ -177,7 +185,7 @@ def dicts(b, dtype=torch.float64, requires_grad=False):
 def cfg_for(name, **overrides):
     """A valid LossConfig for one objective, with every hyperparameter it declares moved off its default."""
     moved = {"beta": 0.3, "label_smoothing": 0.1, "simpo_gamma": 0.7, "orpo_lambda": 0.25, "discopop_tau": 0.2,
-             "desirable_weight": 1.3, "undesirable_weight": 0.7}
+             "desirable_weight": 1.3, "undesirable_weight": 0.7, "center_rewards_coefficient": 0.05}
     kw = {k: v for k, v in moved.items() if k in LOSSES[name].hyperparameters}
     kw.update(overrides)
     return LossConfig(loss_type=name, **kw)
@@ -213,7 +221,10 @@ def test_objective_equals_paper_formula(name, setting):
     close(out.losses, paper_losses(name, b, cfg))
     close(out.loss, sum(paper_losses(name, b, cfg)) / B)
     es = examples(b)
-    if name in REFERENCE_FREE_REWARDS_ON_MEANS:
+    if name in REWARDS_AS_GIVEN:
+        close(out.chosen_rewards, [e["pw"] for e in es])
+        close(out.rejected_rewards, [e["pl"] for e in es])
+    elif name in REFERENCE_FREE_REWARDS_ON_MEANS:
         close(out.chosen_rewards, [cfg.beta * e["mw"] for e in es])
         close(out.rejected_rewards, [cfg.beta * e["ml"] for e in es])
     else:
@@ -540,6 +551,7 @@ PERTURB = {  # field: (base value, moved value)
     "beta": (0.1, 0.37), "label_smoothing": (1e-3, 0.15), "ipo_token_average": (True, False),
     "simpo_gamma": (0.5, 1.3), "orpo_lambda": (0.1, 0.6), "f_divergence_type": ("reverse_kl", "js_divergence"),
     "discopop_tau": (0.05, 0.4), "desirable_weight": (1.0, 1.4), "undesirable_weight": (1.0, 0.6),
+    "center_rewards_coefficient": (0.01, 0.2),
 }
 
 
@@ -563,7 +575,7 @@ def test_declared_hyperparameters_are_exactly_the_ones_that_matter(name):
 
 def test_registry_reference_flags():
     free = {n for n, s in LOSSES.items() if not s.needs_reference}
-    assert free == {"simpo", "orpo", "sft"}
+    assert free == {"simpo", "orpo", "sft", "bradley_terry"}
     assert {n for n, s in LOSSES.items() if s.logps == "mean"} == {"ipo", "simpo", "orpo", "sft"}
     assert {n for n, s in LOSSES.items() if not s.pairwise} == {"aot", "aot_unpaired"}
     assert {n for n, s in LOSSES.items() if not s.needs_rejected} == {"sft"}

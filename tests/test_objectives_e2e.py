@@ -123,6 +123,8 @@ CASES = {
     # batches with one label (the rejected answers are the long ones); beta 0.5 as for discopop, so 12 steps move
     # the rewards visibly (beta 0.1: desirable +0.001, undesirable -0.58 after 24 steps).
     "kto": ({"loss.loss_type": "kto", "loss.beta": 0.5, "data.group_by_length": False}, True),
+    # A reward model (one-label sequence classifier) on the same pairs: held-out accuracy measured before and after.
+    "bradley_terry": ({"loss.loss_type": "bradley_terry"}, False),
 }
 
 
