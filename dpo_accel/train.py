@@ -25,12 +25,13 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from dpo_accel.checkpoint import NonFiniteError, export_model, load_checkpoint, save_checkpoint
+from dpo_accel.checkpoint import (NonFiniteError, RunStopped, base_fingerprint, export_model, load_checkpoint,
+                                  save_checkpoint, save_trainable_only)
 from dpo_accel.console import log
 from dpo_accel.evaluate import evaluate_preferences, generation_report
 from dpo_accel.kto import kto_inputs
@@ -277,6 +278,7 @@ class Session:
     nonfinite_in_a_row: int = 0
     nonfinite_steps: int = 0
     window_bad: Any = None  # this accumulation window's count of non-finite losses (a tensor: no sync per micro-step)
+    base: Optional[str] = None  # fingerprint of the frozen base when checkpoints hold the trainable weights only
 
 
 
@@ -318,6 +320,8 @@ def setup(plan: Plan) -> Session:
                                  wpo=plan.objective.wpo, packing=t.padding_free, prefix_sharing=t.prefix_sharing,
                                  pack_pairs=t.pack_pairs)
     plan = settle(plan, accelerator, model, tokenized, tokenizer)
+    frozen = any(not p.requires_grad for p in model.parameters())
+    base = base_fingerprint(model) if frozen and save_trainable_only(accelerator) else None
     train_loader, eval_loader, sampler, collator = build_loaders(plan, tokenized, tokenizer)
     g = plan.geometry
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / g.processes) / g.accumulation)
@@ -334,7 +338,7 @@ def setup(plan: Plan) -> Session:
     accelerator.init_trackers("dpo_accel", config=flat_config(plan.recipe))
     step = 0
     if plan.resume_from is not None:
-        step = int(load_checkpoint(accelerator, plan.resume_from)["global_step"])
+        step = int(load_checkpoint(accelerator, plan.resume_from, base)["global_step"])
         log(f"resumed at step {step}")
     if accelerator.is_main_process:  # a new run has no log; one killed before its first checkpoint restarts at 0
         truncate_metrics(t.output_dir, step)
@@ -343,6 +347,7 @@ def setup(plan: Plan) -> Session:
     session = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, reference,
                       tokenizer, prompts, stats, tokenized["train"]._fingerprint, steps_per_epoch, max_steps, step,
                       started, rows)
+    session.base = base
     measure_before(session)
     return session
 
@@ -416,7 +421,8 @@ def train_loop(s: Session) -> None:
                 last_log = time.perf_counter()
             if t.save_steps and s.step % t.save_steps == 0:
                 state = {"global_step": s.step, "epoch": epoch, "steps_per_epoch": s.steps_per_epoch,
-                         "num_processes": s.plan.geometry.processes, "train_fingerprint": s.train_fingerprint}
+                         "num_processes": s.plan.geometry.processes, "train_fingerprint": s.train_fingerprint,
+                         "weights": "full" if s.base is None else "trainable", "base_fingerprint": s.base}
                 save_checkpoint(accelerator, t.output_dir, state, s.plan.recipe, t.save_total_limit, s.model)
                 last_log = time.perf_counter()
             if s.step >= s.max_steps:
@@ -620,7 +626,7 @@ def main(argv=None) -> int:
         execute(plan)
     except RecipeError as e:  # the checks that need the accelerator or the data (launch, resume position)
         return refuse(e)
-    except NonFiniteError as e:  # the run diverged: not a refusal, a stop (exit 3)
+    except RunStopped as e:  # diverged, or a full disk: not a refusal, a stop (exit 3)
         print(f"error: {e}", file=sys.stderr)
         return 3
     return 0

@@ -38,9 +38,12 @@ def stop_after(out: str, step: int) -> None:
     for name in os.listdir(root):
         if int(name.split("-")[1]) > step:
             shutil.rmtree(os.path.join(root, name))
-    for name in ("model", "summary.json"):
+    for name in ("model", "adapter", "summary.json"):
         path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def assert_bitwise(straight_steps, straight_weights, out):
@@ -90,3 +93,65 @@ def test_two_gloo_ranks_resume_mid_epoch_2_bitwise(tiny_model_dir, tmp_path):
     stop_after(out, 6)
     assert "resumed at step 6" in launch("--resume")
     assert_bitwise(straight_steps, straight_weights, out)
+
+
+def test_lora_checkpoint_holds_the_adapter_resumes_bitwise_and_names_a_changed_base(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A LoRA checkpoint holds what training changes (adapter, optimizer, scheduler, RNG), not the frozen
+    base; resumed, it equals the straight run bitwise; on a changed base it stops in one line; a full disk
+    leaves the previous checkpoint as it was."""
+    import errno
+
+    from safetensors.torch import load_file, save_file
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_model_dir, base)
+    out = str(tmp_path / "run")
+    sets = tiny_overrides(base, out, **{**EPOCHS, "train.max_steps": 6, "lora.use_peft": True, "lora.lora_r": 4,
+                                        "lora.lora_alpha": 8, "lora.lora_dropout": 0.0, "train.export_merged": False})
+    train.run(load_recipe(None, sets))
+    straight_steps = steps(out)
+    adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    checkpoint = os.path.join(out, "checkpoints", "checkpoint-0000004")
+    saved = load_file(os.path.join(checkpoint, "model.safetensors"))
+    assert saved and all("lora_" in k for k in saved), sorted(saved)[:3]
+    full = os.path.getsize(os.path.join(base, "model.safetensors"))
+    assert os.path.getsize(os.path.join(checkpoint, "model.safetensors")) < full / 10
+
+    stop_after(out, 4)  # mid-epoch 2
+    reset_accelerate()
+    train.run(load_recipe(None, sets), resume=True)
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in steps(out)] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in straight_steps]
+    for name, tensor in load_file(os.path.join(out, "adapter", "adapter_model.safetensors")).items():
+        assert torch.equal(tensor, adapter[name]), name
+
+    # A full disk while writing checkpoint-6: one line, exit 3, checkpoint-4 as it was.
+    stop_after(out, 4)
+    before = {n: open(os.path.join(checkpoint, n), "rb").read() for n in os.listdir(checkpoint)}
+    reset_accelerate()
+    import accelerate.utils.other as other
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(other, "safe_save_file", full_disk)
+        capsys.readouterr()
+        assert train.main([a for s in sets for a in ("--set", s)] + ["--resume"]) == 3
+    err = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "checkpoint-0000006 not written: No space left on device" in err[0], err
+    assert "it needs about" in err[0] and "the previous checkpoint is kept" in err[0]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["checkpoint-0000002", "checkpoint-0000004"]
+    assert {n: open(os.path.join(checkpoint, n), "rb").read() for n in os.listdir(checkpoint)} == before
+
+    # Another base under the same path: named in one line before a step is taken.
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, os.path.join(base, "model.safetensors"), metadata={"format": "pt"})
+    reset_accelerate()
+    capsys.readouterr()
+    assert train.main([a for s in sets for a in ("--set", s)] + ["--resume"]) == 2
+    err = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "the frozen base weights (fingerprint" in err[0], err
