@@ -95,7 +95,7 @@ IGNORE_INDEX = -100
 # name -> what it is. "kind": ours | naive | trl; the rest are recipe switches of our loop.
 CONFIGS = {
     "naive": dict(kind="naive", label="naive: 2 forwards, full logits, random batches"),
-    "default": dict(kind="ours", label="dpo_accel default = fastest fp32 (prefix sharing, lean log-probs, grouped)"),
+    "default": dict(kind="ours", label="dpo_accel default = fastest fp32 (prefix sharing, packed pairs, lean log-probs)"),
     "fastest_bf16": dict(kind="ours", label="dpo_accel fastest bf16 (default + bf16 weights + autocast)",
                          bf16=True, bf16_weights=True),
     "leanest": dict(kind="ours", label="dpo_accel leanest (grad ckpt, chunk 128, bf16 weights + autocast)",
@@ -828,6 +828,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-configs", default="default,fastest_bf16,leanest,trl", help="rows of the length sweep")
     p.add_argument("--sweep-batch", type=int, default=2, help="pairs per step in the length sweep")
     p.add_argument("--sweep-steps", type=int, default=None, help="timed steps per sweep row (default: --steps)")
+    p.add_argument("--sweep-warmup", type=int, default=None,
+                   help="untimed steps first in the sweep (default: --warmup; 0 is fair at long lengths, where "
+                        "one-time costs are small beside a step)")
     p.add_argument("--only-sweep", action="store_true", help="skip the main table (and its check)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -853,7 +856,7 @@ INSTRUCTION = "Continue this passage from the Python documentation:\n\n"
 
 
 def sweep_setup(base: Setup, tokens_per_pair: int, batch: int, steps: int, tokens_per_word: float,
-                overhead: int) -> Setup:
+                overhead: int, warmup: Optional[int] = None) -> Setup:
     """Prompt-heavy pairs of about ``tokens_per_pair`` real tokens (chosen + rejected rows), as chat data is:
     each row about 65% prompt, 35% answer, lengths tight around the target (sigma 0.08 of the words) so every
     batch of the epoch costs about the same. ``overhead``: tokens of the instruction and template."""
@@ -861,7 +864,8 @@ def sweep_setup(base: Setup, tokens_per_pair: int, batch: int, steps: int, token
     prompt_words = max(0.65 * row - overhead, 2) / tokens_per_word
     answer_words = 0.35 * row / tokens_per_word
     return dataclasses.replace(
-        base, batch_size=batch, steps=steps, pairs=batch * (base.warmup + steps) + batch,
+        base, batch_size=batch, steps=steps, warmup=base.warmup if warmup is None else warmup,
+        pairs=batch * ((base.warmup if warmup is None else warmup) + steps) + batch,
         max_length=int(row * 1.3) + overhead, max_prompt_length=int(0.65 * row * 1.3) + overhead,
         prompt_words=(math.log(prompt_words), 0.08, 2, int(prompt_words * 1.3)),
         answer_words=(math.log(answer_words), 0.08, 2, int(answer_words * 1.3)))
@@ -991,7 +995,8 @@ def main(argv=None) -> int:
         per_word, overhead = tokens_per_word(tokenizer) if sweep else (0.0, 0)
         sweep_rounds = {}
         for tokens in sweep:
-            point = sweep_setup(setup, tokens, args.sweep_batch, args.sweep_steps or args.steps, per_word, overhead)
+            point = sweep_setup(setup, tokens, args.sweep_batch, args.sweep_steps or args.steps, per_word, overhead,
+                                args.sweep_warmup)
             sweep_rounds[tokens] = (point, run_rounds(point, sweep_names, folder, args.repeats, args.no_subprocess,
                                                       tag=f"{tokens} tokens/pair: "))
         after = measure_roof(device)  # the machine's best: other load on a shared machine only lowers it
@@ -1022,8 +1027,9 @@ def main(argv=None) -> int:
             for line in check_lines(check):
                 print(line)
     if points:
-        print(f"\nlength sweep: batch {args.sweep_batch} pairs, prompt-heavy pairs (about 65% prompt), "
-              f"{setup.warmup} warm-up + {args.sweep_steps or args.steps} timed steps, {args.repeats} round(s)")
+        print(f"\nlength sweep: batch {args.sweep_batch} pair(s), prompt-heavy pairs (about 65% prompt), "
+              f"{points[0]['setup']['warmup']} warm-up + {args.sweep_steps or args.steps} timed step(s), "
+              f"{args.repeats} round(s)")
         print(format_sweep(points))
         for p in points:
             for line in target_lines(p["rows"], f"targets at {p['tokens']} tokens per pair"):
