@@ -116,7 +116,7 @@ def kto_inputs(accelerator, batch: dict, policy: dict, reference: Optional[dict]
         raise DataError("loss_type kto got a batch without labels; the data were not made into KTO rows "
                         "(dpo_accel.kto.unpaired_splits)")
     ref_kl = reference["rejected_logps"] if reference is not None else torch.zeros_like(policy["rejected_logps"])
-    z = kl_reference_point(policy["rejected_logps"].float(), ref_kl.float()).reshape(1)
+    z = (policy["rejected_logps"].float() - ref_kl.float()).mean().detach().reshape(1)
     if accelerator is not None and accelerator.num_processes > 1:
-        z = accelerator.gather(z)
-    return {**policy, "desirable": batch["desirable"], "kl": z.mean().clamp(min=0)}
+        z = accelerator.gather(z)  # clamped after the mean over processes, not per process (as TRL)
+    return {**policy, "desirable": batch["desirable"], "kl": kl_reference_point(z, torch.zeros_like(z))}

@@ -80,6 +80,9 @@ def test_reference_point_is_averaged_over_processes_and_passes_no_gradient():
     gathered = kto_inputs(TwoRanks(1.5), batch, policy, reference)
     assert float(gathered["kl"]) == pytest.approx(1.0)  # (0.5 + 1.5) / 2
     assert float(kto_inputs(TwoRanks(-3.0), batch, policy, reference)["kl"]) == 0.0  # clamped after the mean
+    # A negative estimate on one process still counts: clamping each process first would give (0 + 0.5) / 2.
+    negative = {**reference, "rejected_logps": torch.tensor([-4.5, -5.5])}  # this process: -0.5
+    assert float(kto_inputs(TwoRanks(1.5), batch, policy, negative)["kl"]) == pytest.approx(0.5)
     out = compute_objective(LossConfig(loss_type="kto"), gathered, reference)
     assert float(out.metrics["kl"][0]) == pytest.approx(1.0)
     out.loss.backward()  # the mismatched completions only set the reference point: no gradient through them
