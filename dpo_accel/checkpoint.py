@@ -4,8 +4,8 @@ A checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, RNG sta
 ``trainer_state.json`` (the optimizer step, the data position, the files written). With a frozen base
 (LoRA) on one process or DDP, the model file holds the trainable weights only: the base is reloaded from
 the recipe's source, and a fingerprint of it in the state file stops a resume on another base (SmolLM2
-LoRA r16: 597 MB -> 59 MB). FSDP2 and ZeRO-3 checkpoints keep their own sharded formats, base included. It is written to a temporary
-folder and renamed into place, so a run killed mid-save never leaves a half checkpoint that
+LoRA r16, measured: 597 MB -> 59 MB). FSDP2 and ZeRO-3 checkpoints keep their own sharded formats, base
+included. A checkpoint is written to a temporary folder and renamed into place, so a run killed mid-save never leaves a half checkpoint that
 ``--resume`` would pick up; the oldest checkpoints beyond ``save_total_limit`` are removed only
 after the new one is complete.
 """

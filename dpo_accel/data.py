@@ -107,7 +107,27 @@ def _split_files(folder: str, split: str) -> tuple[Optional[str], list[str]]:
 def _load_files(builder: str, files: list[str], cache_dir: Optional[str]):
     import datasets
 
-    return datasets.load_dataset(builder, data_files={"train": files}, split="train", cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(builder, data_files={"train": files}, split="train", cache_dir=cache_dir)
+    except Exception as e:  # datasets' errors name neither the file nor the line: find them
+        raise DataError(_unreadable(files, e)) from None
+
+
+def _unreadable(files: list[str], error: Exception) -> str:
+    """One line for a data file datasets could not read: the empty file, or the file and line of bad JSON."""
+    for path in files:
+        if os.path.getsize(path) == 0 or not open(path, "rb").read(4096).strip():
+            return f"data file '{path}' is empty (no rows); fill it or fix data.dataset_name"
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            json.loads(line)
+                        except ValueError as e:
+                            return f"data file '{path}' line {number} is not valid JSON ({e}); fix or remove that line"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"data file(s) {', '.join(repr(f) for f in files[:3])} cannot be read ({type(error).__name__}: {first})"
 
 
 def _load_raw(cfg: DataConfig, cache_dir: Optional[str], keys: Optional[dict] = None) -> dict:
@@ -181,7 +201,10 @@ def load_preference_splits(cfg: DataConfig, seed: int, cache_dir: Optional[str] 
     splits = {}
     for key, ds in raw.items():
         split_name = cfg.train_split if key == "train" else cfg.eval_split
-        splits[key] = normalise_split(ds, cfg.format, split_name)
+        try:
+            splits[key] = normalise_split(ds, cfg.format, split_name)
+        except DataError as e:  # the row and column are in the message; name the source too
+            raise DataError(f"{cfg.dataset_name}: {e}") from None
     if "eval" not in splits:
         if cfg.eval_fraction > 0:
             carved = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=seed)
@@ -498,6 +521,14 @@ def _normalise_row(row: dict, i: int, fmt: str, split: str) -> dict:
     raise DataError(f"data.format '{fmt}' is unknown; choose one of: auto, {', '.join(FORMATS)}")
 
 
+def _normalise_pair(row: dict, i: int, fmt: str, split: str) -> dict:
+    """`_normalise_row`, refusing a pair whose two answers are the same (it carries no preference)."""
+    out = _normalise_row(row, i, fmt, split)
+    if out.get("rejected") is not None and out["rejected"] == out["chosen"]:
+        raise _bad(i, split, "rejected", "is the same as 'chosen' (a pair must differ)")
+    return out
+
+
 def normalise_split(ds, fmt: str = "auto", split: str = "train"):
     """Rows of any supported format -> prompt/chosen/rejected rows (other columns dropped but a reward dataset's
     ``margin``).
@@ -517,7 +548,7 @@ def normalise_split(ds, fmt: str = "auto", split: str = "train"):
             raise DataError(f"split '{split}' has no column '{col}' (columns: {sorted(cols)}), which data.format "
                             f"'{fmt}' needs; rename the column or set data.format")
     fingerprint = _hash("normalise", ds._fingerprint, fmt, split)
-    out = ds.map(_normalise_row, with_indices=True, fn_kwargs={"fmt": fmt, "split": split},
+    out = ds.map(_normalise_pair, with_indices=True, fn_kwargs={"fmt": fmt, "split": split},
                  remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=f"normalise {split} ({fmt})")
     if "margin" in cols:  # a reward dataset's per-pair margin (TRL's RewardTrainer), read by loss_type bradley_terry
         out = out.add_column("margin", ds["margin"], new_fingerprint=_hash("margin", fingerprint))

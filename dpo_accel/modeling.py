@@ -69,8 +69,12 @@ def convert_gguf(folder: str, filename: str) -> str:
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     with atomic_write(target, unique=True, replace=False) as tmp:  # a process that finished first wins
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, IndexError, EOFError) as e:  # a truncated or foreign file
+            raise RecipeError(f"GGUF file '{path}' cannot be read ({type(e).__name__}: {first_line(e)}); is it "
+                              "complete? download it again or fix model.model_name_or_path") from None
         # A GGUF-loaded model keeps a quantization_config and refuses to save or train; after
         # de-quantisation the weights are plain floats, so drop the marker.
         if hasattr(model.config, "quantization_config"):
@@ -89,16 +93,75 @@ def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None) -> st
     if source is not None:
         return convert_gguf(*source)
     if os.path.sep in name_or_path or name_or_path.startswith("."):
-        if not os.path.isdir(name_or_path):
+        hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
+        if hub_id and not os.path.isdir(name_or_path) and not os.path.isdir(hub_cache_folder(name_or_path)):
+            raise RecipeError(f"model '{name_or_path}' is not a local folder and not in the hub cache; download it "
+                              "first (huggingface-cli download) or point model.model_name_or_path at a local folder")
+        if not os.path.isdir(name_or_path) and not hub_id:
             raise RecipeError(f"model directory '{name_or_path}' does not exist; fix model.model_name_or_path")
     return name_or_path
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Preflight's look at model.model_name_or_path (no weight is read): a GGUF file exists, a hub id is in
+    the hub cache, a folder holds config.json and safetensors weights (pickle ones only with
+    model.allow_pickle_weights). One RecipeError line naming the model."""
+    name = cfg.model_name_or_path
+    if gguf_source(name, cfg.gguf_file) is not None:
+        return  # the alias / a .gguf file: existence checked above, readability at conversion
+    resolve_model_path(name)
+    if not os.path.isdir(name):
+        return  # a cached hub id
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise RecipeError(f"model directory '{name}' holds no config.json (is it empty or still copying?); "
+                          "point model.model_name_or_path at a saved model folder")
+    weights = os.listdir(name)
+    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in weights):
+        if any(f.endswith((".bin", ".pt", ".pth")) for f in weights):
+            if not cfg.allow_pickle_weights:
+                raise RecipeError(f"model '{name}' has pickle weights only (.bin/.pt, which can run code when "
+                                  "loaded); convert them to safetensors or set model.allow_pickle_weights: true "
+                                  "if you trust them")
+        else:
+            raise RecipeError(f"model directory '{name}' holds no weights (*.safetensors); point "
+                              "model.model_name_or_path at a saved model folder")
+
+
+def hub_cache_folder(name: str) -> str:
+    """Where the hub cache would hold `name` ("org/model"): a hub id is resolved there when offline."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return os.path.join(HF_HUB_CACHE, "models--" + name.replace("/", "--"))
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def loading(what: str, name: str):
+    """Context: a failure to load `name` (offline hub id, missing file, bad folder) as one RecipeError line."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except RecipeError:
+            raise
+        except (OSError, ValueError, KeyError, EnvironmentError) as e:
+            raise RecipeError(f"cannot load the {what} '{name}' ({type(e).__name__}: {first_line(e)}); a hub id needs "
+                              "a network or the hub cache, a folder needs config.json and weights") from None
+
+    return guard()
 
 
 def load_tokenizer(cfg: ModelConfig, model_path: str):
     from transformers import AutoTokenizer
 
     tok_path = resolve_model_path(cfg.tokenizer_name_or_path) if cfg.tokenizer_name_or_path else model_path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
+    with loading("tokenizer", tok_path):
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -126,13 +189,19 @@ def load_causal_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None) -> 
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=DTYPES[dtype or cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if not cfg.allow_pickle_weights:  # pickle files (.bin/.pt) can run code when loaded: safetensors only
+        kwargs["use_safetensors"] = True
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:  # QLoRA (speed.check_speed_options has refused it without CUDA or bitsandbytes)
         from dpo_accel.speed import bnb_4bit_config
 
         kwargs.update(quantization_config=bnb_4bit_config(cfg), device_map={"": torch.cuda.current_device()})
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with loading("model", path):
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise RecipeError(f"model directory '{path}' holds no config.json (is it empty or still copying?); "
+                              "point model.model_name_or_path at a saved model folder")
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     disable_dropout(model)
     return model
@@ -142,11 +211,27 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    check_target_modules(model, cfg.lora_target_modules)
     peft_cfg = PeftLoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules, modules_to_save=cfg.lora_modules_to_save,
         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg)
+
+
+def check_target_modules(model: torch.nn.Module, targets) -> None:
+    """Every name in a lora_target_modules list must match a module (peft trains the ones that do and
+    says nothing of a misspelt one); the error names the close ones."""
+    if isinstance(targets, str):
+        return  # "all-linear" or a regex: peft's own check
+    from dpo_accel.recipe import did_you_mean
+
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    for target in targets:
+        if target not in leaves and not any(n == target or n.endswith("." + target) for n, _ in model.named_modules()):
+            hint = did_you_mean(str(target), linear, cutoff=0.6) or f"; linear layers: {', '.join(linear)}"
+            raise RecipeError(f"lora.lora_target_modules: '{target}' matches no module of the model{hint}")
 
 
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, model_path: str) -> torch.nn.Module:

@@ -102,7 +102,32 @@ def build_data(accelerator, recipe: Recipe, tokenizer):
     log(format_stats(stats), prefix=False)
     if len(tokenized["train"]) == 0:
         raise RecipeError("no training pair survived truncation; raise data.max_length or data.max_prompt_length")
+    check_truncation(stats.get("train", {}), recipe.data)
     return raw, tokenized, stats
+
+
+# More than this share of the training pairs dropped by truncation stops the run, as does every kept pair cut;
+# a smaller share, or more than TRUNCATED_WARN of the pairs cut, is said in one line.
+DROPPED_ERROR, DROPPED_WARN, TRUNCATED_WARN = 0.5, 0.05, 0.25
+
+
+def check_truncation(train_stats: dict, d) -> None:
+    """data.max_length so small that most pairs are dropped is an error; many dropped or cut, a warning."""
+    pairs = train_stats.get("pairs") or 0
+    if not pairs:
+        return
+    dropped, cut = train_stats.get("dropped", 0) / pairs, train_stats.get("truncated", 0) / pairs
+    longest = train_stats.get("raw_max", 0)
+    advice = (f"raise data.max_length (now {d.max_length}, the longest pair needs {longest}) or "
+              f"data.max_prompt_length (now {d.max_prompt_length})")
+    if dropped > DROPPED_ERROR:
+        raise RecipeError(f"truncation drops {train_stats['dropped']} of {pairs} training pairs ({dropped:.0%}); {advice}")
+    kept = train_stats.get("kept", 0)
+    if kept and train_stats.get("truncated", 0) >= kept:
+        raise RecipeError(f"truncation cuts every one of the {kept} training pairs it keeps ({train_stats['dropped']} "
+                          f"dropped); {advice}")
+    if dropped > DROPPED_WARN or cut > TRUNCATED_WARN:
+        log(f"warning: truncation drops {dropped:.0%} of the training pairs and cuts {cut:.0%}; {advice}")
 
 
 def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
@@ -617,9 +642,16 @@ def progress_postfix(metrics: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line. Every refusal is one ``error:`` line on stderr and exit code 2, before compute where
+    the recipe or the data say so; a run that cannot go on (non-finite steps in a row, a full disk) ends with
+    one line and exit code 3. Through ``accelerate launch`` the launcher turns any non-zero exit into its own
+    exit 1 and adds a CalledProcessError traceback under the line; ``accelerate launch -q`` drops it."""
     args = parse_args(argv)
     try:
         plan = preflight(load_recipe(args.recipe, args.set), args.resume)
+        if args.recipe is None and not any(s.startswith("model.model_name_or_path=") for s in args.set):
+            raise RecipeError("a recipe is required: pass --recipe recipes/<name>.yaml (or --recipe a file of your "
+                              "own); the defaults alone would fine-tune the whole model into outputs/run")
     except ValueError as e:  # RecipeError, and the objective's checks
         return refuse(e)
     try:
@@ -633,7 +665,8 @@ def main(argv=None) -> int:
 
 
 def refuse(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    print(f"error: {lines[0]}", file=sys.stderr)  # one line, whatever raised it
     return 2
 
 if __name__ == "__main__":
