@@ -151,6 +151,13 @@ class TrainConfig:
     auto_find_batch_size: bool = False  # find the largest micro-batch that fits at start-up; accumulation keeps batch x accum
     push_to_hub: bool = False  # after the local export, upload model/ (else adapter/) to hub_model_id (needs a network)
     hub_model_id: Optional[str] = None  # "user/name" repository for push_to_hub
+    # Online DPO (dpo_accel/online.py): k > 1 sampled answers per training prompt each step, scored, best vs worst
+    # as the step's pairs; 0: the dataset's fixed pairs
+    online_generations: int = 0
+    online_verifier: Optional[str] = None  # arith, or module:function returning one number per answer
+    online_reward_model: Optional[str] = None  # or a one-label sequence classifier scoring the answers
+    online_temperature: float = 1.0  # sampling temperature of the online answers
+    online_max_new_tokens: int = 32
 
 
 @dataclass
@@ -362,6 +369,11 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("reference.mode 'adapter_off' needs lora.use_peft: true (or use reference.mode: copy)")
     if recipe.lora.use_peft and recipe.lora.lora_r < 1:
         raise RecipeError(f"lora.lora_r must be at least 1, got {recipe.lora.lora_r}")
+    from dpo_accel.online import check_online
+
+    problem = check_online(recipe)
+    if problem:
+        raise RecipeError(problem)
     init = recipe.lora.init_adapter
     if init is not None and not os.path.isfile(os.path.join(init, "adapter_config.json")):
         raise RecipeError(f"lora.init_adapter '{init}' is not a peft adapter folder (no adapter_config.json); "

@@ -319,7 +319,12 @@ def execute(plan: Plan) -> dict:
 
         return run_reward(plan)
     session = setup(plan)
-    train_loop(session)
+    if plan.recipe.train.online_generations:  # online DPO: the policy's own answers, scored, make the pairs
+        from dpo_accel.online import online_loop
+
+        online_loop(session)
+    else:
+        train_loop(session)
     return finish(session)
 
 
