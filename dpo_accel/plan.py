@@ -91,10 +91,7 @@ def preflight(recipe: Recipe, resume: bool = False, processes: Optional[int] = N
     from dpo_accel.reference import resolve_mode
     from dpo_accel.speed import check_speed_options
 
-    from dpo_accel.modeling import check_model_source
-
     validate(recipe)  # load_recipe ran it; a recipe built in Python may not have
-    check_model_source(recipe.model)
     objective = plan_loss(recipe.loss)
     check_speed_options(recipe)
     mode = resolve_mode(recipe, objective.needs_reference)

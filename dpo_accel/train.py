@@ -314,6 +314,9 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
 
 def execute(plan: Plan) -> dict:
     """Run a preflighted plan: setup, the train loop, the finish."""
+    from dpo_accel.modeling import check_model_source
+
+    check_model_source(plan.recipe.model)  # here, not in preflight: inspect plans recipes of models not downloaded
     if plan.objective.reward_model:  # loss_type bradley_terry trains a sequence classifier instead
         from dpo_accel.reward import run_reward
 
