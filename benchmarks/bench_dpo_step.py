@@ -879,10 +879,11 @@ def tokens_per_word(tokenizer) -> tuple[float, int]:
 
 
 def run_rounds(setup: Setup, names: list[str], folder: str, repeats: int, in_process: bool,
-               tag: str = "") -> dict[str, list[dict]]:
+               tag: str = "", progress: Optional[str] = None) -> dict[str, list[dict]]:
     """Every row once per round, TRL last, `repeats` rounds: A B .. T A B .. T, so each row's repeats and
     TRL's interleave and a drift of the machine's load touches both. A row that is skipped (TRL without
-    trl installed) is not tried again."""
+    trl installed) is not tried again. ``progress``: a JSON file rewritten after every run with all raw
+    results so far (a long run stopped early keeps what it measured)."""
     order = [n for n in names if CONFIGS[n]["kind"] != "trl"] + [n for n in names if CONFIGS[n]["kind"] == "trl"]
     results: dict[str, list[dict]] = {n: [] for n in order}
     for rep in range(repeats):
@@ -893,6 +894,14 @@ def run_rounds(setup: Setup, names: list[str], folder: str, repeats: int, in_pro
             print(f"... {tag}{name}{f' (round {rep + 1}/{repeats})' if repeats > 1 else ''}", end="", flush=True)
             results[name].append(launch(setup, name, folder, in_process))
             print(f" {time.perf_counter() - start:.0f} s", flush=True)
+            if progress:
+                saved = {}
+                if os.path.isfile(progress):
+                    with open(progress) as f:
+                        saved = json.load(f)
+                saved[tag or "main"] = {"setup": dataclasses.asdict(setup), "results": results}
+                with open(progress, "w") as f:
+                    json.dump(saved, f)
     return results
 
 
@@ -965,6 +974,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet()
     results, rows, notes, check, points = {}, [], [], None, []
+    progress = args.json + ".partial" if args.json else None
+    if progress and os.path.isfile(progress):
+        os.remove(progress)
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as folder:
         setup = make_setup(args, folder)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -979,7 +991,7 @@ def main(argv=None) -> int:
               f"| torch {torch.__version__} | load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         roof = measure_roof(device)
         if not args.only_sweep:
-            rounds = run_rounds(setup, names, folder, args.repeats, args.no_subprocess)
+            rounds = run_rounds(setup, names, folder, args.repeats, args.no_subprocess, progress=progress)
             results = {n: reps[0] for n, reps in rounds.items()}
             for name, reps in rounds.items():
                 r = reps[0]
@@ -998,7 +1010,7 @@ def main(argv=None) -> int:
             point = sweep_setup(setup, tokens, args.sweep_batch, args.sweep_steps or args.steps, per_word, overhead,
                                 args.sweep_warmup)
             sweep_rounds[tokens] = (point, run_rounds(point, sweep_names, folder, args.repeats, args.no_subprocess,
-                                                      tag=f"{tokens} tokens/pair: "))
+                                                      tag=f"{tokens} tokens/pair: ", progress=progress))
         after = measure_roof(device)  # the machine's best: other load on a shared machine only lowers it
         roof = {k: max(roof[k], after[k]) for k in roof}
         if not args.only_sweep:
