@@ -204,7 +204,7 @@ def load_preference_splits(cfg: DataConfig, seed: int, cache_dir: Optional[str] 
         try:
             splits[key] = normalise_split(ds, cfg.format, split_name)
         except DataError as e:  # the row and column are in the message; name the source too
-            raise DataError(f"{cfg.dataset_name}: {e}") from None
+            raise DataError(f"{e} (in {cfg.dataset_name})") from None
     if "eval" not in splits:
         if cfg.eval_fraction > 0:
             carved = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=seed)
