@@ -524,8 +524,12 @@ def all_finite(accelerator, window_bad, grad_norm) -> bool:
     """Whether every process's losses in this accumulation window and the gradient norm are finite: one
     all-reduce, so every process skips the same steps. (Under DeepSpeed the engine steps inside backward:
     a non-finite step is counted and stops the run after train.max_nonfinite_steps, but is not undone.)"""
-    # DeepSpeed may not report a norm (None): then the losses decide.
-    norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=window_bad.device).float()
+    # DeepSpeed may not report a norm (None): then the losses decide. FSDP2 returns a DTensor, which a plain
+    # all-reduce refuses: take its full (replicated) value first.
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    # float() first: FSDP2 returns a DTensor, which takes no part in a plain all-reduce.
+    norm = torch.tensor(0.0 if grad_norm is None else float(grad_norm), device=window_bad.device)
     bad = window_bad + (~torch.isfinite(norm)).float()
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
