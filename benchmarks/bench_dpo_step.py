@@ -356,7 +356,20 @@ def _sync(device: torch.device) -> None:
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "peak allocated (CUDA)"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS"
+    return peak_rss_bytes(), "peak RSS"
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. Linux's ru_maxrss survives exec, so a child started by a large parent
+    (pytest, a sweep driver) would report the parent's peak; VmHWM belongs to the current address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ------------------------------------------------------------------------------------------- workers
