@@ -15,8 +15,8 @@ eval.reward_model); a prompt whose answers all score the same gives no pair and 
 log-probs and objective. Logged besides the usual metrics: ``online/score_mean``, ``online/score_max``,
 ``online/pair_share`` (share of prompts that gave a pair), ``online/skipped``.
 
-Not yet: several processes (a process left without a pair would stall the gradient all-reduce), checkpoints
-and resume inside the loop (``train.save_steps`` is refused).
+Several processes each answer their own prompts; ``train.save_steps`` checkpoints and ``--resume`` continues
+where the straight run would be (see `online_loop`).
 """
 from __future__ import annotations
 
@@ -92,52 +92,52 @@ def _prompt_order(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 def online_loop(s) -> None:
-    """Optimizer steps from s.step to s.max_steps on pairs the policy generates (train.Session `s`)."""
+    """Optimizer steps from s.step to s.max_steps on pairs the policy generates (train.Session `s`).
+
+    Every process takes its own prompts of the seeded order (rank r the r-th slice of each global
+    micro-batch). A process whose prompts gave no pair still runs the forward and backward, on a stand-in
+    pair weighted 0, so the gradient all-reduce of a step never waits for it. Counts and metrics are
+    summed over the processes before they are logged. Resume: the prompt position and the sampling seed
+    both follow from the step, so a resumed run generates what the straight run would have."""
     from dpo_accel.data import PreferenceCollator, _auto_bos, _keep_row, _tokenize_row, load_preference_splits
     from dpo_accel.evaluate import generate_answers
     from dpo_accel.losses import compute_objective
     from dpo_accel.metrics import example_metrics
-    from dpo_accel.train import log_metrics
+    from dpo_accel.train import checkpoint_step, log_metrics
 
     recipe, accelerator = s.plan.recipe, s.accelerator
     t, d, g = recipe.train, recipe.data, s.plan.geometry
-    if accelerator.num_processes > 1:
-        raise RecipeError("train.online_generations runs on one process for now; launch with 1 process")
     prompts_all = load_preference_splits(d, t.seed)["train"]["prompt"]
     score = _scorer(recipe, accelerator.device)
     collator, auto_bos = PreferenceCollator(s.tokenizer.pad_token_id), _auto_bos(s.tokenizer)
     hf_model = accelerator.unwrap_model(s.model).model
-    position = s.step * g.accumulation * g.per_device
-    stats = {"prompts": 0, "pairs": 0, "skipped": 0, "scores": []}
-    metrics_sum: dict[str, list] = {}
+    k, per_step = t.online_generations, g.per_device * g.processes  # prompts per micro-step, all processes
+    position = s.step * g.accumulation * per_step
+    window = _Window()
     last_log, grad_norm = time.perf_counter(), torch.tensor(0.0)
     s.model.train()
     while s.step < s.max_steps:
-        prompts = [prompts_all[i] for i in _prompt_order(len(prompts_all), t.seed, position, g.per_device)]
-        position += g.per_device
+        mine = position + accelerator.process_index * g.per_device
+        prompts = [prompts_all[i] for i in _prompt_order(len(prompts_all), t.seed, mine, g.per_device)]
+        position += per_step
         answers = generate_answers(hf_model, s.tokenizer, prompts, t.online_max_new_tokens,
                                    autocast=accelerator.autocast, temperature=t.online_temperature,
-                                   num_return_sequences=t.online_generations, seed=t.seed + position)
-        k = t.online_generations
+                                   num_return_sequences=k, seed=t.seed + mine)
         groups = [answers[i * k:(i + 1) * k] for i in range(len(prompts))]
         flat = [float(x) for x in score([p for p in prompts for _ in range(k)], answers)]
-        scores = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
-        pairs, skipped = build_pairs(prompts, groups, scores)
-        rows = [_tokenize_row(p, i, s.tokenizer, d.max_length, d.max_prompt_length, d.truncation_mode, True,
-                              auto_bos, "online") for i, p in enumerate(pairs)]
-        rows = [{**r, "idx": i} for i, r in enumerate(rows) if _keep_row(r["_status"])]
-        stats["prompts"] += len(prompts)
-        stats["pairs"] += len(rows)
-        stats["skipped"] += skipped
-        stats["scores"] += flat
+        pairs, skipped = build_pairs(prompts, groups, [flat[i * k:(i + 1) * k] for i in range(len(prompts))])
+        rows = _tokenized(pairs, s.tokenizer, d, auto_bos, _tokenize_row, _keep_row)
+        weight = len(rows) / g.per_device  # a prompt without a pair adds nothing
+        if not rows:  # a stand-in pair (two of the answers) so this process joins the step's all-reduce
+            rows = _tokenized([{"prompt": prompts[0], "chosen": groups[0][0], "rejected": groups[0][-1]}],
+                              s.tokenizer, d, auto_bos, _tokenize_row, lambda status: True)
+        window.add(len(prompts), round(weight * g.per_device), skipped, flat)
         with accelerator.accumulate(s.model):
-            if rows:
-                batch = {k2: v.to(accelerator.device) for k2, v in collator(rows).items()}
-                policy = s.model(**batch)
-                out = compute_objective(s.plan.objective, policy, s.reference.logps(batch, "train"))
-                accelerator.backward(out.loss * len(rows) / g.per_device)  # a prompt without a pair adds nothing
-                for k2, v in example_metrics(out, policy).items():
-                    metrics_sum.setdefault(k2, []).append(v)
+            batch = {k2: v.to(accelerator.device) for k2, v in collator(rows).items()}
+            policy = s.model(**batch)
+            out = compute_objective(s.plan.objective, policy, s.reference.logps(batch, "train"))
+            accelerator.backward(out.loss * weight)
+            window.add_metrics(example_metrics(out, policy), real=bool(weight))  # the stand-in counts 0
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
             s.optimizer.step()
@@ -148,17 +148,56 @@ def online_loop(s) -> None:
         s.scheduler.step()
         s.step += 1
         if s.step % t.logging_steps == 0 or s.step == s.max_steps:
-            metrics = {k2: float(torch.cat(v).float().mean()) for k2, v in metrics_sum.items()}
-            scores_np = np.asarray(stats["scores"])
+            metrics = window.collect(accelerator)
             metrics.update({"grad_norm": float(grad_norm), "learning_rate": lr,
-                            "online/score_mean": float(scores_np.mean()), "online/score_max": float(scores_np.max()),
-                            "online/pair_share": stats["pairs"] / stats["prompts"], "online/skipped": stats["skipped"],
-                            "num_pairs": stats["pairs"], "seconds": time.perf_counter() - last_log})
+                            "seconds": time.perf_counter() - last_log})
             log_metrics(accelerator, t.output_dir, metrics, s.step)
-            log(f"step {s.step}: score {metrics['online/score_mean']:.3f}, pairs {stats['pairs']}/{stats['prompts']}"
-                + (f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""))
-            stats = {"prompts": 0, "pairs": 0, "skipped": 0, "scores": []}
-            metrics_sum, last_log = {}, time.perf_counter()
+            log(f"step {s.step}: score {metrics['online/score_mean']:.3f}, pairs {metrics['num_pairs']}/"
+                f"{metrics['online/prompts']}" + (f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""))
+            window, last_log = _Window(), time.perf_counter()
+        if t.save_steps and s.step % t.save_steps == 0:
+            checkpoint_step(s, 0)
+            last_log = time.perf_counter()
+
+
+def _tokenized(pairs: list[dict], tokenizer, d, auto_bos: bool, tokenize_row, keep_row) -> list[dict]:
+    rows = [tokenize_row(p, i, tokenizer, d.max_length, d.max_prompt_length, d.truncation_mode, True, auto_bos,
+                         "online") for i, p in enumerate(pairs)]
+    return [{**r, "idx": i} for i, r in enumerate(rows) if keep_row(r["_status"])]
+
+
+class _Window:
+    """One logging window's counts, scores and per-pair metrics on this process; `collect` sums them over
+    the processes (every process calls it)."""
+
+    def __init__(self):
+        self.prompts = self.pairs = self.skipped = 0
+        self.scores: list[float] = []
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, prompts: int, pairs: int, skipped: int, scores: list[float]) -> None:
+        self.prompts, self.pairs, self.skipped = self.prompts + prompts, self.pairs + pairs, self.skipped + skipped
+        self.scores += scores
+
+    def add_metrics(self, metrics: dict, real: bool) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + (float(value.float().sum()) if real else 0.0)
+        self.count += len(next(iter(metrics.values()))) if real else 0
+
+    def collect(self, accelerator) -> dict:
+        keys = sorted(self.sums)  # the same on every process: every micro-step adds the objective's metrics
+        local = torch.tensor([self.prompts, self.pairs, self.skipped, len(self.scores), sum(self.scores), self.count]
+                             + [self.sums[k] for k in keys], dtype=torch.float64)
+        best = torch.tensor([max(self.scores, default=float("-inf"))], dtype=torch.float64)
+        total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu().tolist()
+        best = accelerator.reduce(best.to(accelerator.device), reduction="max").item()
+        prompts, pairs, skipped, n_scores, score_sum, count = total[:6]
+        out = {k: total[6 + i] / count for i, k in enumerate(keys)} if count else {}
+        out.update({"online/score_mean": score_sum / max(n_scores, 1), "online/score_max": best,
+                    "online/pair_share": pairs / max(prompts, 1), "online/skipped": int(skipped),
+                    "online/prompts": int(prompts), "num_pairs": int(pairs)})
+        return out
 
 
 def check_online(recipe) -> Optional[str]:
@@ -177,8 +216,6 @@ def check_online(recipe) -> Optional[str]:
             resolve_verifier(t.online_verifier)
         except RecipeError as e:  # scorers.ScorerError included: a module or function that is not there
             return str(e)
-    if t.save_steps:
-        return "train.save_steps: the online loop writes no checkpoints yet (the run ends with the export); set it to 0"
     if recipe.reference.mode == "precomputed":
         return "reference.mode precomputed cannot score generated pairs; use adapter_off, copy or auto"
     return None

@@ -453,14 +453,20 @@ def train_loop(s: Session) -> None:
                     accelerator, s.model, s.reference, s.eval_loader, s.plan.objective), s.step)
                 last_log = time.perf_counter()
             if t.save_steps and s.step % t.save_steps == 0:
-                state = {"global_step": s.step, "epoch": epoch, "steps_per_epoch": s.steps_per_epoch,
-                         "num_processes": s.plan.geometry.processes, "train_fingerprint": s.train_fingerprint,
-                         "weights": "full" if s.base is None else "trainable", "base_fingerprint": s.base}
-                save_checkpoint(accelerator, t.output_dir, state, s.plan.recipe, t.save_total_limit, s.model)
+                checkpoint_step(s, epoch)
                 last_log = time.perf_counter()
             if s.step >= s.max_steps:
                 break
     bar.close()
+
+
+def checkpoint_step(s: Session, epoch: int) -> None:
+    """Checkpoint after optimizer step s.step (every process calls it: saving is collective)."""
+    t = s.plan.recipe.train
+    state = {"global_step": s.step, "epoch": epoch, "steps_per_epoch": s.steps_per_epoch,
+             "num_processes": s.plan.geometry.processes, "train_fingerprint": s.train_fingerprint,
+             "weights": "full" if s.base is None else "trainable", "base_fingerprint": s.base}
+    save_checkpoint(s.accelerator, t.output_dir, state, s.plan.recipe, t.save_total_limit, s.model)
 
 
 def skip_step(s: Session, acc, grad_norm, lr: float, epoch: int, bar) -> None:

@@ -1,14 +1,18 @@
 """Online DPO (train.online_generations, dpo_accel/online.py): pairs built from scored answers as specified
-(best vs worst, ties and all-equal groups skipped and counted), and a run on a tiny model with a scripted
-verifier that takes real DPO steps on the pairs it generated."""
+(best vs worst, ties and all-equal groups skipped and counted), a run on a tiny model with a scripted
+verifier that takes real DPO steps on the pairs it generated, a resumed run equal to the straight one, and
+two gloo ranks."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from conftest import tiny_overrides
+from conftest import REPO, reset_accelerate, tiny_overrides
 from dpo_accel.online import _prompt_order, build_pairs, check_online
 from dpo_accel.recipe import RecipeError, load_recipe
 
@@ -35,7 +39,6 @@ def test_prompt_order_is_seeded_and_covers_each_epoch():
     (["train.online_generations=4"], "exactly one of train.online_verifier"),
     (["train.online_generations=4", "train.online_verifier=arith", "train.online_temperature=0"], "must be > 0"),
     (["train.online_generations=4", "train.online_verifier=nope"], "neither a built-in"),
-    (["train.online_generations=4", "train.online_verifier=arith", "train.save_steps=5"], "no checkpoints yet"),
 ])
 def test_online_settings_fail_in_one_line(sets, expected):
     with pytest.raises(RecipeError) as err:
@@ -73,3 +76,71 @@ def test_online_run_generates_scores_pairs_and_steps(tmp_path):
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
     assert steps[0]["grad_norm"] > 0 and steps[0]["rewards/chosen"] == 0.0
     assert summary["global_step"] == 2
+
+
+def online_sets(model_dir: str, out: str, scorer: str, **extra) -> list[str]:
+    return tiny_overrides(model_dir, out, **{
+        "train.online_generations": 3, "train.online_verifier": f"{scorer}:by_length",
+        "train.online_max_new_tokens": 8, "train.max_steps": 4, "train.save_steps": 2, "train.save_total_limit": 5,
+        "train.logging_steps": 1, "train.report_to": [], "eval.do_eval": False, **extra})
+
+
+def test_online_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
+    """Killed after step 2's checkpoint, resumed: the same prompts, samples, pairs, losses and final weights."""
+    from safetensors.torch import load_file
+    from test_objectives_e2e import build_small_vocab_model
+    from test_resume import stop_after
+
+    from dpo_accel import train
+
+    model_dir = build_small_vocab_model(str(tmp_path / "model"))
+    (tmp_path / "scripted.py").write_text(SCORER)
+    out = str(tmp_path / "run")
+    sets = online_sets(model_dir, out, str(tmp_path / "scripted.py"))
+    train.run(load_recipe(None, sets))
+
+    def read():
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [r for r in map(json.loads, f) if "online/pair_share" in r]
+        return rows, load_file(os.path.join(out, "model", "model.safetensors"))
+
+    straight, straight_weights = read()
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    stop_after(out, 2)
+    reset_accelerate()
+    train.run(load_recipe(None, sets), resume=True)
+    resumed, weights = read()
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "grad_norm", "online/score_mean", "num_pairs", "online/skipped"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    for name, tensor in straight_weights.items():
+        assert torch.equal(weights[name], tensor), name
+
+
+@pytest.mark.slow
+def test_online_on_two_gloo_ranks_counts_every_prompt(tmp_path):
+    """2 processes x 2 prompts: each answers its own prompts; a process that never has a pair still joins
+    each step (no hang); the logged counts are the sums over both (4 prompts a step, rank 1's 2 skipped)."""
+    from test_objectives_e2e import build_small_vocab_model
+
+    model_dir = build_small_vocab_model(str(tmp_path / "model"))
+    # Rank 1's answers all tie: it never has a pair and must still join every step's all-reduce.
+    (tmp_path / "scripted.py").write_text("import os\n" + SCORER.replace(
+        "float(len(a))", "float(len(a)) * (os.environ.get('RANK', '0') == '0')"))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", "cpu_two_process.yaml"), os.path.join(REPO, "dpo_accel", "train.py")]
+    for s in online_sets(model_dir, out, str(tmp_path / "scripted.py"), **{"train.per_device_train_batch_size": 2,
+                                                                          "train.save_steps": 0}):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 2 process(es)" in proc.stdout, proc.stdout[-2000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "online/pair_share" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["online/prompts"] == 4 and r["num_pairs"] + r["online/skipped"] == 4
+        assert r["online/skipped"] >= 2 and r["num_pairs"] >= 1 and r["grad_norm"] > 0
