@@ -158,6 +158,13 @@ class TrainConfig:
     online_reward_model: Optional[str] = None  # or a one-label sequence classifier scoring the answers
     online_temperature: float = 1.0  # sampling temperature of the online answers
     online_max_new_tokens: int = 32
+    # Iterative DPO (dpo_accel/iterative.py): R rounds, each sampling train.online_generations (k) answers per training
+    # prompt with the current policy (online_temperature, online_max_new_tokens), scoring them (online_verifier or
+    # online_reward_model), writing best vs worst as <output_dir>/round_<r>/data and training an offline run on it
+    # (train.max_steps / num_train_epochs count per round) whose merged export is the next round's policy; 0: off
+    iterative_rounds: int = 0
+    iterative_prompts: int = 0  # training prompts per round (a seeded order, a new pass after each); 0: all, every round
+    iterative_reference: str = "previous"  # previous: each round's starting policy | initial: the first model
 
 
 @dataclass
@@ -200,6 +207,7 @@ CHOICES = {
     "train.logps_path": ("auto", "lean", "full"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
+    "train.iterative_reference": ("previous", "initial"),
 }
 
 
@@ -369,9 +377,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("reference.mode 'adapter_off' needs lora.use_peft: true (or use reference.mode: copy)")
     if recipe.lora.use_peft and recipe.lora.lora_r < 1:
         raise RecipeError(f"lora.lora_r must be at least 1, got {recipe.lora.lora_r}")
+    from dpo_accel.iterative import check_iterative
     from dpo_accel.online import check_online
 
-    problem = check_online(recipe)
+    problem = check_iterative(recipe) if t.iterative_rounds else check_online(recipe)  # rounds reuse the online_* keys
     if problem:
         raise RecipeError(problem)
     init = recipe.lora.init_adapter

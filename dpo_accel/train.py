@@ -321,6 +321,10 @@ def execute(plan: Plan) -> dict:
         from dpo_accel.reward import run_reward
 
         return run_reward(plan)
+    if plan.recipe.train.iterative_rounds:  # iterative DPO: rounds of generate, score, train (one offline run each)
+        from dpo_accel.iterative import run_rounds
+
+        return run_rounds(plan)
     session = setup(plan)
     if plan.recipe.train.online_generations:  # online DPO: the policy's own answers, scored, make the pairs
         from dpo_accel.online import online_loop
