@@ -17,11 +17,9 @@ Row kinds of the rejected answer (chosen is always ``"{a} + {b} = {a+b}."``):
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-from typing import Iterable, Optional
+from typing import Optional
 
 PHRASINGS = (
     "What is {a} + {b}?",
@@ -131,25 +129,12 @@ def make_pairs(n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> tuple[l
     return rows[:n_train], rows[n_train:]
 
 
-def write_jsonl(rows: Iterable[dict], path: str) -> None:
-    """Rows as {prompt, chosen, rejected} JSON lines in a fixed key order ("\\n" line ends)."""
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=True) + "\n")
-
-
 def write_dataset(out_dir: str, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> dict:
     """Write train.jsonl and eval.jsonl under `out_dir`; return the counts of each rejected kind."""
-    os.makedirs(out_dir, exist_ok=True)
+    from dpo_accel.files import write_pair_splits
+
     train, eval_ = make_pairs(n_train, n_eval, seed)
-    write_jsonl(train, os.path.join(out_dir, "train.jsonl"))
-    write_jsonl(eval_, os.path.join(out_dir, "eval.jsonl"))
-    counts: dict = {}
-    for split, rows in (("train", train), ("eval", eval_)):
-        for row in rows:
-            counts.setdefault(split, {}).setdefault(row["kind"], 0)
-            counts[split][row["kind"]] += 1
-    return counts
+    return write_pair_splits(out_dir, {"train": train, "eval": eval_})
 
 
 def operands(prompt: str) -> tuple[int, int]:

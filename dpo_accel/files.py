@@ -1,4 +1,5 @@
-"""Atomic writes of files and folders: written under a temporary sibling name, then renamed into place.
+"""Atomic writes of files and folders: written under a temporary sibling name, then renamed into place;
+and the JSON-lines writer of the shipped tasks' datasets.
 
 A reader (``--resume``, the reference cache, the GGUF cache, a user loading ``model/``) then sees either
 the old complete entry or the new complete one, never a half-written one from a run killed mid-save.
@@ -7,6 +8,7 @@ The temporary name sits in the same folder, so the rename never crosses filesyst
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from typing import Iterator
@@ -51,3 +53,18 @@ def atomic_write(final: str, *, unique: bool = False, replace: bool = True) -> I
         publish(tmp, final, replace)
     finally:
         remove(tmp)  # still there only when the write failed or lost the race
+
+
+def write_pair_splits(out_dir: str, splits: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """Write each split's rows as ``<split>.jsonl`` of {prompt, chosen, rejected} in a fixed key order, ASCII
+    and "\\n" line ends, so a seeded task writes byte-identical files on every machine; returns each split's
+    count of every rejected ``kind``."""
+    os.makedirs(out_dir, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {}
+    for split, rows in splits.items():
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=True) + "\n")
+                counts.setdefault(split, {}).setdefault(row["kind"], 0)
+                counts[split][row["kind"]] += 1
+    return counts

@@ -18,12 +18,10 @@ Row kinds of the rejected answer (chosen is always the capital, e.g. ``"Nairobi"
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import unicodedata
-from typing import Iterable, Optional
+from typing import Optional
 
 # Countries whose capital is one unambiguous word (multi-word, disputed or renamed capitals left out).
 CAPITALS = (
@@ -138,25 +136,12 @@ def make_pairs(n_train: int = 2000, n_eval: int = 192, seed: int = 0) -> tuple[l
     return train, eval_rows
 
 
-def write_jsonl(rows: Iterable[dict], path: str) -> None:
-    """Rows as {prompt, chosen, rejected} JSON lines in a fixed key order ("\\n" line ends)."""
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=True) + "\n")
-
-
 def write_dataset(out_dir: str, n_train: int = 2000, n_eval: int = 192, seed: int = 0) -> dict:
     """Write train.jsonl and eval.jsonl under `out_dir`; return the counts of each rejected kind."""
-    os.makedirs(out_dir, exist_ok=True)
+    from dpo_accel.files import write_pair_splits
+
     train, eval_ = make_pairs(n_train, n_eval, seed)
-    write_jsonl(train, os.path.join(out_dir, "train.jsonl"))
-    write_jsonl(eval_, os.path.join(out_dir, "eval.jsonl"))
-    counts: dict = {}
-    for split, rows in (("train", train), ("eval", eval_)):
-        for row in rows:
-            counts.setdefault(split, {}).setdefault(row["kind"], 0)
-            counts[split][row["kind"]] += 1
-    return counts
+    return write_pair_splits(out_dir, {"train": train, "eval": eval_})
 
 
 def capital_asked(prompt: str) -> str:
