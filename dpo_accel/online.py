@@ -103,7 +103,7 @@ def online_loop(s) -> None:
     from dpo_accel.evaluate import generate_answers
     from dpo_accel.losses import compute_objective
     from dpo_accel.metrics import example_metrics
-    from dpo_accel.train import checkpoint_step, log_metrics
+    from dpo_accel.train import NonFiniteError, all_finite, checkpoint_step, log_metrics
 
     recipe, accelerator = s.plan.recipe, s.accelerator
     t, d, g = recipe.train, recipe.data, s.plan.geometry
@@ -113,7 +113,7 @@ def online_loop(s) -> None:
     hf_model = accelerator.unwrap_model(s.model).model
     k, per_step = t.online_generations, g.per_device * g.processes  # prompts per micro-step, all processes
     position = s.step * g.accumulation * per_step
-    window = _Window()
+    window, bad = _Window(), torch.zeros((), device=accelerator.device)
     last_log, grad_norm = time.perf_counter(), torch.tensor(0.0)
     s.model.train()
     while s.step < s.max_steps:
@@ -136,17 +136,30 @@ def online_loop(s) -> None:
             batch = {k2: v.to(accelerator.device) for k2, v in collator(rows).items()}
             policy = s.model(**batch)
             out = compute_objective(s.plan.objective, policy, s.reference.logps(batch, "train"))
+            bad = bad + (~torch.isfinite(out.loss.detach())).float()
             accelerator.backward(out.loss * weight)
             window.add_metrics(example_metrics(out, policy), real=bool(weight))  # the stand-in counts 0
+            skipped = False
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
-            s.optimizer.step()
+                skipped = not all_finite(accelerator, bad, grad_norm)
+            if not skipped:
+                s.optimizer.step()
             s.optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue
+        bad = torch.zeros((), device=accelerator.device)
         lr = s.scheduler.get_last_lr()[0]
-        s.scheduler.step()
         s.step += 1
+        if skipped:  # as the offline loop: weights, optimizer and scheduler unchanged; too many in a row stop
+            s.nonfinite_steps, s.nonfinite_in_a_row = s.nonfinite_steps + 1, s.nonfinite_in_a_row + 1
+            log(f"step {s.step}: loss or gradient norm not finite; step skipped ({s.nonfinite_in_a_row} in a row)")
+            if s.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                raise NonFiniteError(f"{t.max_nonfinite_steps} online steps in a row (to step {s.step}) had a "
+                                     "non-finite loss or gradient norm; lower train.learning_rate or loss.beta")
+        else:
+            s.scheduler.step()
+            s.nonfinite_in_a_row = 0
         if s.step % t.logging_steps == 0 or s.step == s.max_steps:
             metrics = window.collect(accelerator)
             metrics.update({"grad_norm": float(grad_norm), "learning_rate": lr,

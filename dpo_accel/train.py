@@ -538,7 +538,6 @@ def all_finite(accelerator, window_bad, grad_norm) -> bool:
     # all-reduce refuses: take its full (replicated) value first.
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    # float() first: FSDP2 returns a DTensor, which takes no part in a plain all-reduce.
     norm = torch.tensor(0.0 if grad_norm is None else float(grad_norm), device=window_bad.device)
     bad = window_bad + (~torch.isfinite(norm)).float()
     if accelerator.num_processes > 1:

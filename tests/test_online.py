@@ -144,3 +144,34 @@ def test_online_on_two_gloo_ranks_counts_every_prompt(tmp_path):
     for r in steps:
         assert r["online/prompts"] == 4 and r["num_pairs"] + r["online/skipped"] == 4
         assert r["online/skipped"] >= 2 and r["num_pairs"] >= 1 and r["grad_norm"] > 0
+
+
+def test_online_non_finite_step_is_skipped_and_weights_stay_finite(tmp_path, monkeypatch):
+    """A NaN loss at step 2 (a poisoned objective): the step is skipped, the run goes on, no NaN weight."""
+    from safetensors.torch import load_file
+    from test_objectives_e2e import build_small_vocab_model
+
+    from dpo_accel import losses, train
+
+    real, calls = losses.compute_objective, []
+
+    def objective(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.loss, out.losses = out.loss * float("nan"), out.losses * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "compute_objective", objective)
+    model_dir = build_small_vocab_model(str(tmp_path / "model"))
+    (tmp_path / "scripted.py").write_text(SCORER)
+    out = str(tmp_path / "run")
+    summary = train.run(load_recipe(None, online_sets(model_dir, out, str(tmp_path / "scripted.py"),
+                                                       **{"train.save_steps": 0})))
+    assert summary["global_step"] == 4
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "online/pair_share" in r]
+    assert steps[1]["loss"] is None and all(r["loss"] is not None for r in steps[2:])
+    assert steps[1]["learning_rate"] == steps[2]["learning_rate"]  # the scheduler did not move
+    for name, tensor in load_file(os.path.join(out, "model", "model.safetensors")).items():
+        assert torch.isfinite(tensor).all(), name
