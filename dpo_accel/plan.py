@@ -125,7 +125,9 @@ def check_output_dir(recipe: Recipe, resume: bool) -> Optional[str]:
                 raise RecipeError(f"--resume: no complete checkpoint in '{out}/checkpoints' and no run started "
                                   "there; drop --resume to start one")
             # Killed before its first checkpoint: nothing to continue, so the run starts over in its folder.
-            log(f"--resume: '{out}' has no complete checkpoint yet; starting the run from scratch there")
+            # (Iterative rounds keep their checkpoints per round: iterative.py says where it continues.)
+            if not recipe.train.iterative_rounds:
+                log(f"--resume: '{out}' has no complete checkpoint yet; starting the run from scratch there")
         else:
             check_complete(checkpoint)
         return checkpoint
