@@ -102,7 +102,7 @@ def online_loop(s) -> None:
     from dpo_accel.data import PreferenceCollator, _auto_bos, _keep_row, _tokenize_row, load_preference_splits
     from dpo_accel.evaluate import generate_answers
     from dpo_accel.losses import compute_objective
-    from dpo_accel.metrics import example_metrics
+    from dpo_accel.metrics import example_metrics, token_counts
     from dpo_accel.train import NonFiniteError, all_finite, checkpoint_step, log_metrics
 
     recipe, accelerator = s.plan.recipe, s.accelerator
@@ -139,6 +139,7 @@ def online_loop(s) -> None:
             bad = bad + (~torch.isfinite(out.loss.detach())).float()
             accelerator.backward(out.loss * weight)
             window.add_metrics(example_metrics(out, policy), real=bool(weight))  # the stand-in counts 0
+            window.tokens += token_counts(batch)[0] if weight else 0.0
             skipped = False
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
@@ -187,7 +188,7 @@ class _Window:
         self.prompts = self.pairs = self.skipped = 0
         self.scores: list[float] = []
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.count, self.tokens = 0, 0.0  # pairs' metric rows; real tokens of the pairs trained on
 
     def add(self, prompts: int, pairs: int, skipped: int, scores: list[float]) -> None:
         self.prompts, self.pairs, self.skipped = self.prompts + prompts, self.pairs + pairs, self.skipped + skipped
@@ -200,16 +201,16 @@ class _Window:
 
     def collect(self, accelerator) -> dict:
         keys = sorted(self.sums)  # the same on every process: every micro-step adds the objective's metrics
-        local = torch.tensor([self.prompts, self.pairs, self.skipped, len(self.scores), sum(self.scores), self.count]
-                             + [self.sums[k] for k in keys], dtype=torch.float64)
+        local = torch.tensor([self.prompts, self.pairs, self.skipped, len(self.scores), sum(self.scores), self.count,
+                              self.tokens] + [self.sums[k] for k in keys], dtype=torch.float64)
         best = torch.tensor([max(self.scores, default=float("-inf"))], dtype=torch.float64)
         total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu().tolist()
         best = accelerator.reduce(best.to(accelerator.device), reduction="max").item()
-        prompts, pairs, skipped, n_scores, score_sum, count = total[:6]
-        out = {k: total[6 + i] / count for i, k in enumerate(keys)} if count else {}
+        prompts, pairs, skipped, n_scores, score_sum, count, tokens = total[:7]
+        out = {k: total[7 + i] / count for i, k in enumerate(keys)} if count else {}
         out.update({"online/score_mean": score_sum / max(n_scores, 1), "online/score_max": best,
                     "online/pair_share": pairs / max(prompts, 1), "online/skipped": int(skipped),
-                    "online/prompts": int(prompts), "num_pairs": int(pairs)})
+                    "online/prompts": int(prompts), "num_pairs": int(pairs), "num_tokens": tokens})
         return out
 
 

@@ -73,6 +73,7 @@ def test_online_run_generates_scores_pairs_and_steps(tmp_path):
     for r in steps:
         assert r["num_pairs"] + r["online/skipped"] == 4 and r["num_pairs"] >= 1  # 4 prompts per step
         assert r["online/score_max"] >= r["online/score_mean"] > 0
+        assert r["num_tokens"] > r["num_pairs"]  # real tokens of the pairs trained on (the model card's count)
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
     assert steps[0]["grad_norm"] > 0 and steps[0]["rewards/chosen"] == 0.0
     assert summary["global_step"] == 2
