@@ -8,8 +8,26 @@ import torch
 EOS = 2
 
 
-def shared_prompt_batch(vocab: int = 320, seed: int = 7) -> dict:
-    """Six pairs, right-padded: chosen/rejected input_ids, attention_mask and labels (-100 on the prompt)."""
+def padded_pairs(rows: dict[str, list[tuple[list, list]]], pads: dict[str, int], extra: int = 1) -> dict:
+    """{side: [(prompt, answer) token lists]} -> right-padded ``<side>_input_ids``, ``_attention_mask`` and
+    ``_labels`` (-100 on the prompt and the padding), each side padded with its own id to its longest row
+    plus `extra` columns."""
+    out = {}
+    for side, seqs in rows.items():
+        T = max(len(p) + len(a) for p, a in seqs) + extra
+        ids = torch.full((len(seqs), T), pads[side], dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for b, (p, a) in enumerate(seqs):
+            row = torch.tensor(p + a)
+            ids[b, :len(row)], mask[b, :len(row)] = row, 1
+            labels[b, len(p):len(row)] = row[len(p):]
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    return out
+
+
+def shared_prompt_batch(vocab: int = 320, seed: int = 7, pad_c: int = 0, pad_r: int = 0) -> dict:
+    """Six pairs, right-padded (chosen rows with `pad_c`, rejected with `pad_r`): chosen/rejected input_ids,
+    attention_mask and labels (-100 on the prompt)."""
     g = torch.Generator().manual_seed(seed)
 
     def toks(n):
@@ -23,21 +41,10 @@ def shared_prompt_batch(vocab: int = 320, seed: int = 7) -> dict:
     chosen = toks(2)
     pairs.append((prompt, chosen, chosen + toks(3) + [EOS]))  # chosen is a prefix of rejected
     pairs.append((toks(3), toks(4) + [EOS], toks(2) + [EOS]))
-    other_prompt = toks(4)  # the last pair's rejected row: another prompt altogether
-    out = {}
-    for side in ("chosen", "rejected"):
-        seqs = [(p, c if side == "chosen" else r) for p, c, r in pairs]
-        if side == "rejected":
-            seqs[-1] = (other_prompt, seqs[-1][1])
-        T = max(len(p) + len(a) for p, a in seqs) + 1
-        ids = torch.zeros((len(seqs), T), dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for b, (p, a) in enumerate(seqs):
-            row = torch.tensor(p + a)
-            ids[b, :len(row)], mask[b, :len(row)] = row, 1
-            labels[b, len(p):len(row)] = row[len(p):]
-        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
-    return out
+    rejected = [(p, r) for p, _, r in pairs]
+    rejected[-1] = (toks(4), rejected[-1][1])  # the last pair's rejected row: another prompt altogether
+    return padded_pairs({"chosen": [(p, c) for p, c, _ in pairs], "rejected": rejected},
+                        {"chosen": pad_c, "rejected": pad_r})
 
 
 def separate_logps(model, batch: dict) -> dict:

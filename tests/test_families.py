@@ -107,20 +107,11 @@ def family_batch(seed: int = 7) -> dict:
     prompt, answer = toks(8), toks(3)
     pairs.append((prompt, answer, answer + toks(4) + [EOS]))
     pairs.append((toks(5), toks(6) + [EOS], None))
-    out = {}
-    for side, pad in (("chosen", 0), ("rejected", 5)):
-        seqs = []
-        for p, c, r in pairs:
-            seqs.append((p, c) if side == "chosen" else (p, r) if r is not None else (toks(7), toks(3) + [EOS]))
-        T = max(len(p) + len(a) for p, a in seqs) + 2
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for b, (p, a) in enumerate(seqs):
-            row = torch.tensor(p + a)
-            ids[b, :len(row)], mask[b, :len(row)] = row, 1
-            labels[b, len(p):len(row)] = row[len(p):]
-        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
-    return out
+    from benchmarks.pair_batches import padded_pairs
+
+    rows = {"chosen": [(p, c) for p, c, _ in pairs],
+            "rejected": [(p, r) if r is not None else (toks(7), toks(3) + [EOS]) for p, _, r in pairs]}
+    return padded_pairs(rows, {"chosen": 0, "rejected": 5}, extra=2)
 
 
 @torch.no_grad()

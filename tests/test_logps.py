@@ -342,34 +342,9 @@ def shared_prompt_batch(pad_c=0, pad_r=5) -> dict:
     """Pairs whose rows share a prompt, as real preference data does, plus the corner cases: answers that
     start with the same tokens (the common prefix reaches into the labels), a chosen row that is a prefix
     of its rejected row, a pair with nothing in common, and rows of different padded widths."""
-    g = torch.Generator().manual_seed(7)
+    from benchmarks.pair_batches import shared_prompt_batch as batch
 
-    def toks(n):
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-    pairs = []
-    for prompt_len, c_len, r_len, common_answer in ((6, 5, 3, 0), (2, 4, 7, 2), (9, 1, 1, 0), (4, 3, 6, 3)):
-        prompt, answer = toks(prompt_len), toks(common_answer)
-        pairs.append((prompt, answer + toks(c_len - common_answer) + [EOS], answer + toks(r_len - common_answer) + [EOS]))
-    prompt = toks(5)
-    chosen = prompt + toks(2)
-    pairs.append((prompt, chosen[5:], chosen[5:] + toks(3) + [EOS]))  # chosen is a prefix of rejected
-    pairs.append((toks(3), toks(4) + [EOS], toks(2) + [EOS]))
-    pairs[-1] = (pairs[-1][0], pairs[-1][1], pairs[-1][2])
-    out = {}
-    for side_name, pad in (("chosen", pad_c), ("rejected", pad_r)):
-        seqs = [(p, a if side_name == "chosen" else r) for p, a, r in pairs]
-        if side_name == "rejected":  # the last pair: another prompt altogether (no common prefix)
-            seqs[-1] = (toks(4), seqs[-1][1])
-        T = max(len(p) + len(a) for p, a in seqs) + 1  # one extra column of padding on every row
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for b, (p, a) in enumerate(seqs):
-            row = torch.tensor(p + a)
-            ids[b, :len(row)], mask[b, :len(row)] = row, 1
-            labels[b, len(p):len(row)] = row[len(p):]
-        out.update({f"{side_name}_input_ids": ids, f"{side_name}_attention_mask": mask, f"{side_name}_labels": labels})
-    return out
+    return batch(VOCAB, pad_c=pad_c, pad_r=pad_r)
 
 
 def separate_reference(model, batch):
