@@ -445,6 +445,23 @@ def human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def generated_pairs_lines(recipe: Recipe, per_device: int, steps: int) -> list[str]:
+    """What online and iterative DPO add to the plan: their pairs are generated during the run, so the data
+    and token figures below (the recipe's fixed pairs) size their training steps, not their generation."""
+    t = recipe.train
+    scorer = t.online_verifier or t.online_reward_model
+    if t.iterative_rounds:
+        prompts = t.iterative_prompts or "all the"
+        return [f"rounds         {t.iterative_rounds} iterative rounds: each samples {t.online_generations} answers "
+                f"to {prompts} training prompts (scored by {scorer}), then trains {steps} steps on the pairs they "
+                f"give; the data and tokens below are the recipe's fixed pairs, not the generated ones"]
+    if t.online_generations:
+        return [f"online         each micro-step samples {t.online_generations} answers to each of {per_device} "
+                f"prompts per process (scored by {scorer}) and trains on at most {per_device} pairs; the data "
+                "and tokens below are the recipe's fixed pairs, not the generated ones"]
+    return []
+
+
 def report(recipe: Recipe, args) -> tuple[str, dict]:
     """The printed report and its numbers (for tests)."""
     from dpo_accel.data import format_stats, load_preference_splits, tokenize_splits
@@ -491,6 +508,7 @@ def report(recipe: Recipe, args) -> tuple[str, dict]:
     lines.append(f"batch          {g.per_device} pairs x {g.accumulation} accumulation x {processes} process(es) = "
                  f"{g.per_device * g.accumulation * processes} pairs per step")
     lines.append(f"steps          {steps} ({steps_per_epoch} per epoch of {len(tokenized['train'])} pairs)")
+    lines += generated_pairs_lines(recipe, g.per_device, steps)
     if note:
         lines.append(f"note           {note}")
     lines += ["", "== data", format_stats(stats), ""]

@@ -80,6 +80,11 @@ def test_inspect_reads_no_weight_file_and_reports_plan_data_and_fit(no_weights):
     text, _ = run_inspect(os.path.join(REPO, "recipes", "smollm2_arith_mixture.yaml"))
     assert "75.0% of train  data/arith_prefs (weight 0.75)" in text and "25.0% of train  data/arith_chat" in text
     assert "-- cpu (this machine)" in text
+    # Generated pairs: the plan says so, and that the data below is the fixed pairs'.
+    text, _ = run_inspect(os.path.join(REPO, "recipes", "smollm2_arith_iterative.yaml"))
+    assert "rounds         3 iterative rounds: each samples 4 answers to 128 training prompts" in text
+    text, _ = run_inspect(os.path.join(REPO, "recipes", "smollm2_arith_online.yaml"))
+    assert "online         each micro-step samples 4 answers to each of 8 prompts per process" in text
 
 
 def test_seven_b_at_24gb_names_the_setting_that_fits(no_weights):
