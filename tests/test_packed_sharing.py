@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_logps import ATOL, VOCAB, grads_of, lora_model, separate_reference, shared_prompt_batch, tiny_llama
+from test_logps import (ATOL, VOCAB, assert_grads_within, grads_of, lora_model, separate_reference, shared_prompt_batch,
+                        tiny_llama)
 
 from dpo_accel.attention import PAIR_ATTENTION, PairSegments
 from dpo_accel.logps import (PreferenceLogpsModel, _pair_packed_inputs, concatenated_inputs, concatenated_logps,
@@ -19,10 +20,7 @@ def assert_equal_to_separate(model, batch, atol, grad_rtol, **opts):
     g_packed = grads_of(model, packed)
     for key in ("chosen_logps", "rejected_logps"):
         torch.testing.assert_close(packed[key], reference[key], atol=atol, rtol=0)
-    for name in g_reference:
-        scale = float(g_reference[name].abs().max())
-        torch.testing.assert_close(g_packed[name], g_reference[name], atol=grad_rtol * scale, rtol=0,
-                                   msg=lambda m: f"{name}: {m}")
+    assert_grads_within(g_packed, g_reference, grad_rtol)
 
 
 @pytest.mark.parametrize("naive, kind", [(False, "full"), (True, "full"), (False, "lora")])
