@@ -10,10 +10,14 @@ trained in full next to LoRA) and the forward (chosen and rejected rows stacked,
 model's own forward (its last-token pooling), so the exported ``model/`` scores pairs as in training and
 serves directly as ``eval.reward_model``. Logged: loss, ``rewards/accuracies``, ``rewards/margins``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/mean``; held-out the same with ``eval/``, before and
-after training. No mid-run checkpoints or resume yet: the run ends with the export.
+after training. ``train.save_steps`` checkpoints and ``--resume`` continues at the straight run's data
+position, and a step whose loss or gradient norm is not finite is skipped, as in the offline loop (see
+`reward_loop`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -23,7 +27,8 @@ import torch
 from dpo_accel.console import log
 from dpo_accel.losses import compute_objective
 
-__all__ = ["RewardCollator", "load_reward_model_for_training", "reward_forward", "run_reward", "tokenize_pairs"]
+__all__ = ["RewardCollator", "load_reward_model_for_training", "reward_forward", "reward_loop", "run_reward",
+           "tokenize_pairs"]
 
 
 def tokenize_pairs(split, tokenizer, max_length: int) -> list[dict]:
@@ -127,11 +132,12 @@ def run_reward(plan) -> dict:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    from dpo_accel.checkpoint import base_fingerprint, load_checkpoint, save_trainable_only
     from dpo_accel.data import load_preference_splits
-    from dpo_accel.metrics import MetricAccumulator
     from dpo_accel.modeling import load_tokenizer, resolve_model_path
-    from dpo_accel.train import (build_accelerator, build_optimizer, dump_recipe, log_metrics, progress_postfix,
-                                 write_json)
+    from dpo_accel.plan import check_resume_data
+    from dpo_accel.train import (EpochRandomSampler, Session, build_accelerator, build_optimizer, dump_recipe,
+                                 log_metrics, truncate_metrics, write_json)
 
     started = time.perf_counter()
     recipe, t, g = plan.recipe, plan.recipe.train, plan.geometry
@@ -146,55 +152,48 @@ def run_reward(plan) -> dict:
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
         dump_recipe(recipe, os.path.join(t.output_dir, "recipe.yaml"))
+    frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: checkpoints hold the trainable weights
+    base = base_fingerprint(model) if frozen and save_trainable_only(accelerator) else None
     collator = RewardCollator(tokenizer.pad_token_id)
-    sampler = torch.utils.data.RandomSampler(splits["train"], generator=torch.Generator().manual_seed(t.seed))
+    sampler = EpochRandomSampler(len(splits["train"]), t.seed)  # an epoch's order from (seed, epoch) alone
     train_loader = DataLoader(splits["train"], batch_size=g.per_device, sampler=sampler, collate_fn=collator)
     eval_loader = None
     if splits.get("eval") and recipe.eval.do_eval:
         eval_loader = DataLoader(splits["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator)
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / g.processes) / g.accumulation)
+    fingerprint = hashlib.sha256(json.dumps(splits["train"]).encode()).hexdigest()[:16]
+    check_resume_data(plan, fingerprint, steps_per_epoch)
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     optimizer, scheduler = build_optimizer(recipe, model, max_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare_data_loader(eval_loader)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"reward model {trainable / 1e6:.2f}M trainable | {g.processes} process(es), {accelerator.mixed_precision} "
         f"precision | chosen and rejected rows stacked | {max_steps} steps of {g.global_batch} pairs")
-    summary = {"global_step": 0, "task": "reward_model",
-               "data": {k: {"pairs": len(v)} for k, v in splits.items()}}
-    if eval_loader is not None:
-        summary["eval_before"] = evaluate_reward(accelerator, model, eval_loader, plan.objective)
-    acc = MetricAccumulator(accelerator)
-    step, last_log, grad_norm = 0, time.perf_counter(), torch.tensor(0.0)
-    model.train()
-    while step < max_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                out = compute_objective(plan.objective, reward_forward(model, batch), None)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad()
-            acc.add(pair_metrics(out), {"chosen_attention_mask": batch["attention_mask"]})  # both rows: token counts
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            if step % t.logging_steps == 0 or step == max_steps:
-                report = acc.collect()
-                elapsed = time.perf_counter() - last_log
-                metrics = {**report.means, "grad_norm": float(grad_norm), "learning_rate": lr,
-                           "tokens_per_second": report.tokens / elapsed, "pairs_per_second": report.pairs / elapsed,
-                           "num_tokens": report.tokens, "num_pairs": report.pairs}
-                log_metrics(accelerator, t.output_dir, metrics, step)
-                log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in progress_postfix(metrics).items()))
-                last_log = time.perf_counter()
-            if step >= max_steps:
-                break
-    summary["global_step"] = step
+    step = 0
+    if plan.resume_from is not None:
+        step = int(load_checkpoint(accelerator, plan.resume_from, base)["global_step"])
+        log(f"resumed at step {step}")
+    if accelerator.is_main_process:  # a new run has no log; one killed before its first checkpoint restarts at 0
+        truncate_metrics(t.output_dir, step)
+    s = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, None, tokenizer,
+                [], {k: {"pairs": len(v)} for k, v in splits.items()}, fingerprint, steps_per_epoch, max_steps, step,
+                started)
+    s.base = base
+    summary = {"global_step": step, "task": "reward_model", "data": s.data_stats}
+    if eval_loader is not None:  # measured at the first start, kept for a resume
+        before = os.path.join(t.output_dir, "eval_before.json")
+        if step == 0:
+            summary["eval_before"] = evaluate_reward(accelerator, model, eval_loader, plan.objective)
+            if accelerator.is_main_process:
+                write_json(before, summary["eval_before"])
+        elif os.path.isfile(before):
+            with open(before) as f:
+                summary["eval_before"] = json.load(f)
+    reward_loop(s)
+    step = summary["global_step"] = s.step
     if eval_loader is not None:
         summary["eval"] = evaluate_reward(accelerator, model, eval_loader, plan.objective)
         log_metrics(accelerator, t.output_dir, summary["eval"], step)
@@ -208,6 +207,69 @@ def run_reward(plan) -> dict:
         log(f"{step} steps, {summary['wall_seconds']:.0f} s in all; reward model in {summary['exported']['model']}")
         write_json(os.path.join(t.output_dir, "summary.json"), summary)
     return summary
+
+
+def reward_loop(s) -> None:
+    """Optimizer steps from s.step to s.max_steps (train.Session `s`), as the offline loop: the data position
+    follows from the step (`epoch_batches`), ``train.save_steps`` checkpoints (`checkpoint_step`), and a step
+    whose loss or gradient norm is not finite is skipped (weights, optimizer and scheduler unchanged), logged,
+    and train.max_nonfinite_steps of them in a row stop the run."""
+    from dpo_accel.metrics import MetricAccumulator
+    from dpo_accel.train import (NonFiniteError, all_finite, checkpoint_step, epoch_batches, log_metrics,
+                                 progress_postfix)
+
+    t, accelerator = s.plan.recipe.train, s.accelerator
+    acc = MetricAccumulator(accelerator)
+    last_log, grad_norm = time.perf_counter(), torch.tensor(0.0)
+    bad = torch.zeros((), device=accelerator.device)
+    s.model.train()
+    while s.step < s.max_steps:
+        epoch = s.step // s.steps_per_epoch
+        for batch in epoch_batches(s, epoch):
+            with accelerator.accumulate(s.model):
+                out = compute_objective(s.plan.objective, reward_forward(s.model, batch), None)
+                bad = bad + (~torch.isfinite(out.loss.detach())).float()
+                accelerator.backward(out.loss)
+                skipped = False
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
+                    skipped = not all_finite(accelerator, bad, grad_norm)
+                if not skipped:
+                    s.optimizer.step()
+                s.optimizer.zero_grad()
+            acc.add(pair_metrics(out), {"chosen_attention_mask": batch["attention_mask"]})  # both rows: token counts
+            if not accelerator.sync_gradients:
+                continue
+            bad = torch.zeros((), device=accelerator.device)
+            lr = s.scheduler.get_last_lr()[0]
+            s.step += 1
+            if skipped:  # its metrics on a line of their own, out of the next window's means
+                s.nonfinite_steps, s.nonfinite_in_a_row = s.nonfinite_steps + 1, s.nonfinite_in_a_row + 1
+                log_metrics(accelerator, t.output_dir, {**acc.collect().means, "grad_norm": float(grad_norm),
+                                                        "learning_rate": lr, "epoch": epoch, "skipped": True,
+                                                        "nonfinite_steps": s.nonfinite_steps}, s.step)
+                log(f"step {s.step}: loss or gradient norm not finite; step skipped ({s.nonfinite_in_a_row} in a row)")
+                if s.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    raise NonFiniteError(f"{t.max_nonfinite_steps} reward model steps in a row (to step {s.step}) had "
+                                         "a non-finite loss or gradient norm; lower train.learning_rate")
+                last_log = time.perf_counter()
+            else:
+                s.scheduler.step()
+                s.nonfinite_in_a_row = 0
+            if not skipped and (s.step % t.logging_steps == 0 or s.step == s.max_steps):
+                report = acc.collect()
+                elapsed = time.perf_counter() - last_log
+                metrics = {**report.means, "grad_norm": float(grad_norm), "learning_rate": lr, "epoch": epoch,
+                           "tokens_per_second": report.tokens / elapsed, "pairs_per_second": report.pairs / elapsed,
+                           "num_tokens": report.tokens, "num_pairs": report.pairs}
+                log_metrics(accelerator, t.output_dir, metrics, s.step)
+                log(f"step {s.step}: " + ", ".join(f"{k} {v}" for k, v in progress_postfix(metrics).items()))
+                last_log = time.perf_counter()
+            if t.save_steps and s.step % t.save_steps == 0:
+                checkpoint_step(s, epoch)
+                last_log = time.perf_counter()
+            if s.step >= s.max_steps:
+                break
 
 
 def export_reward_model(accelerator, model, tokenizer, recipe, output_dir: str) -> dict:
