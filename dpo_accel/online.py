@@ -103,7 +103,7 @@ def online_loop(s) -> None:
     from dpo_accel.evaluate import generate_answers
     from dpo_accel.losses import compute_objective
     from dpo_accel.metrics import example_metrics, token_counts
-    from dpo_accel.train import NonFiniteError, all_finite, checkpoint_step, log_metrics
+    from dpo_accel.train import NonFiniteError, checkpoint_step, log_metrics, step_if_finite
 
     recipe, accelerator = s.plan.recipe, s.accelerator
     t, d, g = recipe.train, recipe.data, s.plan.geometry
@@ -140,13 +140,7 @@ def online_loop(s) -> None:
             accelerator.backward(out.loss * weight)
             window.add_metrics(example_metrics(out, policy), real=bool(weight))  # the stand-in counts 0
             window.tokens += token_counts(batch)[0] if weight else 0.0
-            skipped = False
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
-                skipped = not all_finite(accelerator, bad, grad_norm)
-            if not skipped:
-                s.optimizer.step()
-            s.optimizer.zero_grad()
+            grad_norm, skipped = step_if_finite(s, bad, grad_norm)
         if not accelerator.sync_gradients:
             continue
         bad = torch.zeros((), device=accelerator.device)

@@ -215,8 +215,8 @@ def reward_loop(s) -> None:
     whose loss or gradient norm is not finite is skipped (weights, optimizer and scheduler unchanged), logged,
     and train.max_nonfinite_steps of them in a row stop the run."""
     from dpo_accel.metrics import MetricAccumulator
-    from dpo_accel.train import (NonFiniteError, all_finite, checkpoint_step, epoch_batches, log_metrics,
-                                 progress_postfix)
+    from dpo_accel.train import (NonFiniteError, checkpoint_step, epoch_batches, log_metrics, progress_postfix,
+                                 step_if_finite)
 
     t, accelerator = s.plan.recipe.train, s.accelerator
     acc = MetricAccumulator(accelerator)
@@ -230,13 +230,7 @@ def reward_loop(s) -> None:
                 out = compute_objective(s.plan.objective, reward_forward(s.model, batch), None)
                 bad = bad + (~torch.isfinite(out.loss.detach())).float()
                 accelerator.backward(out.loss)
-                skipped = False
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
-                    skipped = not all_finite(accelerator, bad, grad_norm)
-                if not skipped:
-                    s.optimizer.step()
-                s.optimizer.zero_grad()
+                grad_norm, skipped = step_if_finite(s, bad, grad_norm)
             acc.add(pair_metrics(out), {"chosen_attention_mask": batch["attention_mask"]})  # both rows: token counts
             if not accelerator.sync_gradients:
                 continue

@@ -519,15 +519,24 @@ def micro_step(s: Session, batch: dict, grad_norm):
         out = compute_objective(s.plan.objective, policy_logps, reference)
         s.window_bad = s.window_bad + (~torch.isfinite(out.loss.detach())).float()
         s.accelerator.backward(out.loss)
-        s.skipped = False
-        if s.accelerator.sync_gradients:
-            max_norm = s.plan.recipe.train.max_grad_norm or float("inf")
-            grad_norm = s.accelerator.clip_grad_norm_(s.model.parameters(), max_norm)
-            s.skipped = not all_finite(s.accelerator, s.window_bad, grad_norm)
-        if not s.skipped:  # inside the window Accelerate's step is a no-op; a skipped step only drops its gradients
-            s.optimizer.step()
-        s.optimizer.zero_grad()
+        grad_norm, s.skipped = step_if_finite(s, s.window_bad, grad_norm)
     return out, policy_logps, grad_norm
+
+
+def step_if_finite(s: Session, window_bad, grad_norm) -> tuple:
+    """Inside `accelerator.accumulate`, after the backward: at the end of an accumulation window clip and take
+    the optimizer step unless a loss of the window (`window_bad` counts them) or the gradient norm was not
+    finite (then only the gradients are dropped). Inside the window Accelerate's step is a no-op. Returns
+    (the latest gradient norm, whether the step was skipped)."""
+    skipped = False
+    if s.accelerator.sync_gradients:
+        max_norm = s.plan.recipe.train.max_grad_norm or float("inf")
+        grad_norm = s.accelerator.clip_grad_norm_(s.model.parameters(), max_norm)
+        skipped = not all_finite(s.accelerator, window_bad, grad_norm)
+    if not skipped:
+        s.optimizer.step()
+    s.optimizer.zero_grad()
+    return grad_norm, skipped
 
 
 def all_finite(accelerator, window_bad, grad_norm) -> bool:
