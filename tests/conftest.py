@@ -75,3 +75,18 @@ def tiny_overrides(model_dir: str, output_dir: str, **extra) -> list[str]:
             value = "null"
         out.append(f"{key}={value}")
     return out
+
+
+def poison_objective(monkeypatch, module, steps: set) -> None:
+    """Make `module.compute_objective` return a NaN loss on the given calls (1-based: one per micro-batch, so
+    the optimizer steps when there is no accumulation)."""
+    real, calls = module.compute_objective, []
+
+    def objective(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in steps:
+            out.loss, out.losses = out.loss * float("nan"), out.losses * float("nan")
+        return out
+
+    monkeypatch.setattr(module, "compute_objective", objective)

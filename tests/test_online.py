@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel.online import _prompt_order, build_pairs, check_online
 from dpo_accel.recipe import RecipeError, load_recipe
 
@@ -154,16 +154,7 @@ def test_online_non_finite_step_is_skipped_and_weights_stay_finite(tmp_path, mon
 
     from dpo_accel import losses, train
 
-    real, calls = losses.compute_objective, []
-
-    def objective(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            out.loss, out.losses = out.loss * float("nan"), out.losses * float("nan")
-        return out
-
-    monkeypatch.setattr(losses, "compute_objective", objective)
+    poison_objective(monkeypatch, losses, {2})  # the online loop imports it from dpo_accel.losses at its start
     model_dir = build_small_vocab_model(str(tmp_path / "model"))
     (tmp_path / "scripted.py").write_text(SCORER)
     out = str(tmp_path / "run")

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.checkpoint import NonFiniteError
 from dpo_accel.recipe import load_recipe
@@ -157,16 +157,7 @@ def poison(monkeypatch, steps) -> None:
     """The reward loop's objective returns a NaN loss at the given (1-based) calls."""
     from dpo_accel import reward
 
-    real, calls = reward.compute_objective, []
-
-    def objective(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) in steps:
-            out.loss, out.losses = out.loss * float("nan"), out.losses * float("nan")
-        return out
-
-    monkeypatch.setattr(reward, "compute_objective", objective)
+    poison_objective(monkeypatch, reward, steps)
 
 
 def test_reward_non_finite_step_is_skipped_and_weights_stay_finite(small_model_dir, tmp_path, monkeypatch):

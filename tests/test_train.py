@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.recipe import load_recipe
 
@@ -213,16 +213,7 @@ def test_main_job_command_runs_on_the_real_smollm2(smol_dir, tmp_path):
 
 def poison_steps(monkeypatch, steps: set):
     """Make the loss NaN on the micro-batches of the given optimizer steps (1-based, one micro-batch each)."""
-    real, calls = train.compute_objective, []
-
-    def objective(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) in steps:
-            out.loss, out.losses = out.loss * float("nan"), out.losses * float("nan")
-        return out
-
-    monkeypatch.setattr(train, "compute_objective", objective)
+    poison_objective(monkeypatch, train, steps)
 
 
 def test_a_non_finite_step_is_skipped_and_logged_as_strict_json(tiny_model_dir, tmp_path, monkeypatch):
