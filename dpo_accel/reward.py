@@ -132,12 +132,12 @@ def run_reward(plan) -> dict:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from dpo_accel.checkpoint import base_fingerprint, load_checkpoint, save_trainable_only
+    from dpo_accel.checkpoint import base_fingerprint, save_trainable_only
     from dpo_accel.data import load_preference_splits
     from dpo_accel.modeling import load_tokenizer, resolve_model_path
     from dpo_accel.plan import check_resume_data
     from dpo_accel.train import (EpochRandomSampler, Session, build_accelerator, build_optimizer, dump_recipe,
-                                 log_metrics, truncate_metrics, write_json)
+                                 log_metrics, resume_step, write_json)
 
     started = time.perf_counter()
     recipe, t, g = plan.recipe, plan.recipe.train, plan.geometry
@@ -172,12 +172,7 @@ def run_reward(plan) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"reward model {trainable / 1e6:.2f}M trainable | {g.processes} process(es), {accelerator.mixed_precision} "
         f"precision | chosen and rejected rows stacked | {max_steps} steps of {g.global_batch} pairs")
-    step = 0
-    if plan.resume_from is not None:
-        step = int(load_checkpoint(accelerator, plan.resume_from, base)["global_step"])
-        log(f"resumed at step {step}")
-    if accelerator.is_main_process:  # a new run has no log; one killed before its first checkpoint restarts at 0
-        truncate_metrics(t.output_dir, step)
+    step = resume_step(plan, accelerator, base)
     s = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, None, tokenizer,
                 [], {k: {"pairs": len(v)} for k, v in splits.items()}, fingerprint, steps_per_epoch, max_steps, step,
                 started)

@@ -373,12 +373,7 @@ def setup(plan: Plan) -> Session:
                                            tokenized, collator)
     log(startup_line(plan, accelerator, model, ref_model, max_steps))
     accelerator.init_trackers("dpo_accel", config=flat_config(plan.recipe))
-    step = 0
-    if plan.resume_from is not None:
-        step = int(load_checkpoint(accelerator, plan.resume_from, base)["global_step"])
-        log(f"resumed at step {step}")
-    if accelerator.is_main_process:  # a new run has no log; one killed before its first checkpoint restarts at 0
-        truncate_metrics(t.output_dir, step)
+    step = resume_step(plan, accelerator, base)
     prompts = list(raw["eval"]["prompt"][:recipe.eval.generation_prompts]) if "eval" in raw else []
     rows = raw["eval"].select(range(len(prompts))).to_list() if prompts else []
     session = Session(plan, accelerator, model, optimizer, scheduler, train_loader, eval_loader, sampler, reference,
@@ -387,6 +382,18 @@ def setup(plan: Plan) -> Session:
     session.base = base
     measure_before(session)
     return session
+
+
+def resume_step(plan: Plan, accelerator, base: Optional[str]) -> int:
+    """The step a run starts from: the --resume checkpoint's (its state loaded into the prepared objects), else
+    0; the metrics log is cut back to it (a run killed before its first checkpoint restarts at 0)."""
+    step = 0
+    if plan.resume_from is not None:
+        step = int(load_checkpoint(accelerator, plan.resume_from, base)["global_step"])
+        log(f"resumed at step {step}")
+    if accelerator.is_main_process:
+        truncate_metrics(plan.recipe.train.output_dir, step)
+    return step
 
 
 def measure_before(s: Session) -> None:
