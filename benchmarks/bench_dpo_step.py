@@ -224,11 +224,12 @@ def load_tokenizer(setup: Setup):
 
 
 def tokenized_dataset(setup: Setup, tokenizer, pairs: list[dict]):
-    """The pairs through dpo_accel.data (chat template, labels, EOS), as training sees them."""
+    """The pairs through dpo_accel.data.formats (chat template, labels, EOS), as training sees them."""
     import datasets
 
-    from dpo_accel.data import normalise_split, tokenize_splits
-    from dpo_accel.recipe import DataConfig
+    from dpo_accel.data.formats import normalise_split
+    from dpo_accel.data.tokenize import tokenize_splits
+    from dpo_accel.config.schema import DataConfig
 
     fmt = "conversational" if setup.conversational else "explicit"
     cfg = DataConfig(max_length=setup.max_length, max_prompt_length=setup.max_prompt_length)
@@ -248,7 +249,7 @@ def selected_batches(setup: Setup, dataset, grouped: bool, how: str, pad_token_i
     long to short)."""
     from torch.utils.data import RandomSampler
 
-    from dpo_accel.data import LengthGroupedSampler, sequence_lengths
+    from dpo_accel.data.collate import LengthGroupedSampler, sequence_lengths
 
     if grouped:
         by = "shared" if how == "packed_shared" else how  # a pair's c + r - s either way
@@ -266,7 +267,7 @@ def selected_batches(setup: Setup, dataset, grouped: bool, how: str, pad_token_i
 
 
 def collate(dataset, rows: list[int], pad_token_id: int) -> dict:
-    from dpo_accel.data import PreferenceCollator
+    from dpo_accel.data.collate import PreferenceCollator
 
     return PreferenceCollator(pad_token_id)([dataset[int(i)] for i in rows])
 
@@ -277,7 +278,7 @@ def token_counts(batch: dict, how: str) -> tuple[int, int, int]:
     (prefix sharing) or twice (every other layout); processed: what the decoder runs on, padding
     included, under `how`: 'separate' (two forwards, each side padded to its own longest row), or a
     layout of dpo_accel (logps.processed_tokens: 'concat' one [2B, T] forward, 'shared', 'packed')."""
-    from dpo_accel.logps import processed_tokens, shared_prefix_lengths
+    from dpo_accel.model.logps import processed_tokens, shared_prefix_lengths
 
     cm, rm = batch["chosen_attention_mask"], batch["rejected_attention_mask"]
     real = int(cm.sum() + rm.sum())
@@ -316,7 +317,7 @@ def base_parameter_count(model: torch.nn.Module) -> int:
 
 
 def recipe_for(setup: Setup, cfg: dict):
-    from dpo_accel.recipe import recipe_from_dict
+    from dpo_accel.config.load import recipe_from_dict
 
     r = max(setup.lora_r, 1)
     return recipe_from_dict({
@@ -334,7 +335,7 @@ def recipe_for(setup: Setup, cfg: dict):
 
 def naive_logps(model: torch.nn.Module, batch: dict) -> dict:
     """The baseline: each side through the model on its own, full [B, T, V] logits, float32 log_softmax
-    over all of them, then the label tokens gathered and summed. Same keys as dpo_accel.logps."""
+    over all of them, then the label tokens gathered and summed. Same keys as dpo_accel.model.logps."""
     out = {}
     for side in ("chosen", "rejected"):
         ids, mask, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
@@ -379,12 +380,12 @@ def run_ours(setup: Setup, name: str) -> dict:
     the naive row uses the same loop with `naive_logps` in place of the PreferenceLogpsModel."""
     from accelerate import Accelerator
 
-    from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.losses import compute_objective
-    from dpo_accel.modeling import load_policy
-    from dpo_accel.reference import AdapterOffReference, CopyReference
-    from dpo_accel.speed import check_speed_options, compile_decoder
-    from dpo_accel.train import build_optimizer
+    from dpo_accel.model.logps import PreferenceLogpsModel
+    from dpo_accel.objectives.registry import compute_objective
+    from dpo_accel.model.loading import load_policy
+    from dpo_accel.model.reference import AdapterOffReference, CopyReference
+    from dpo_accel.model.speed import check_speed_options, compile_decoder
+    from dpo_accel.loops.engine import build_optimizer
 
     cfg = CONFIGS[name]
     naive = cfg["kind"] == "naive"
@@ -422,7 +423,7 @@ def run_ours(setup: Setup, name: str) -> dict:
         else:
             reference = AdapterOffReference(unwrapped).logps
     else:  # full fine-tuning: a frozen copy of the starting weights
-        from dpo_accel.modeling import load_frozen_copy
+        from dpo_accel.model.loading import load_frozen_copy
 
         copy = load_frozen_copy(setup.model_path, recipe.model, None, device)
         module = copy if naive else PreferenceLogpsModel(copy, chunk_size=recipe.train.logps_chunk_size,
@@ -434,7 +435,7 @@ def run_ours(setup: Setup, name: str) -> dict:
             CopyReference(module, accelerator.autocast).logps
     prepass = []
     if cfg.get("precomputed"):  # reference.mode precomputed: a no-grad pass first, then a lookup by row index
-        from dpo_accel.reference import REF_KEYS, PrecomputedReference
+        from dpo_accel.model.reference import REF_KEYS, PrecomputedReference
 
         table = {k: torch.zeros(len(dataset)) for k in REF_KEYS}
         model.eval()
@@ -560,9 +561,9 @@ def run_check(setup: Setup, name: str = "check") -> dict:
     leanest = the same + gradient checkpointing + 128-position chunks, padded = prefix sharing with a padded
     row per pair, stacked = [2B, T] rows, packed = padding-free): policy and
     reference log-probs, loss and LoRA gradients."""
-    from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.losses import compute_objective
-    from dpo_accel.modeling import load_policy
+    from dpo_accel.model.logps import PreferenceLogpsModel
+    from dpo_accel.objectives.registry import compute_objective
+    from dpo_accel.model.loading import load_policy
 
     recipe = recipe_for(setup, {})
     tokenizer = load_tokenizer(setup)
@@ -853,7 +854,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_setup(args, folder: str) -> Setup:
-    from dpo_accel.modeling import SMOLLM2_ALIAS, resolve_model_path
+    from dpo_accel.model.loading import SMOLLM2_ALIAS, resolve_model_path
 
     common = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, lora_r=args.lora_r)
     if args.quick:

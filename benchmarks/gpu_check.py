@@ -106,7 +106,7 @@ def one_b_dir(ctx: Context) -> str:
 
     path = os.path.join(ctx.folder, "llama_1b")
     try:
-        from dpo_accel.modeling import SMOLLM2_ALIAS, resolve_model_path
+        from dpo_accel.model.loading import SMOLLM2_ALIAS, resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2_ALIAS))
     except Exception:
@@ -126,7 +126,7 @@ def one_b_dir(ctx: Context) -> str:
 
 
 def rel(a: dict, b: dict) -> float:
-    from dpo_accel.logps import relative_difference
+    from dpo_accel.model.logps import relative_difference
 
     return relative_difference(a, b)
 
@@ -136,7 +136,7 @@ def rel(a: dict, b: dict) -> float:
 def check_bf16_autocast(ctx: Context) -> str:
     from benchmarks.pair_batches import shared_prompt_batch
 
-    from dpo_accel.logps import concatenated_logps
+    from dpo_accel.model.logps import concatenated_logps
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_llama()
@@ -159,7 +159,7 @@ def check_packed_pairs_flex(ctx: Context) -> str:
     from benchmarks.pair_batches import separate_logps, shared_prompt_batch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from dpo_accel.logps import concatenated_logps
+    from dpo_accel.model.logps import concatenated_logps
 
     torch.backends.cuda.matmul.allow_tf32 = False
     worst = {}
@@ -187,7 +187,7 @@ def check_flash_attention_2(ctx: Context) -> str:
         raise Skip("flash_attn is not installed (pip install flash-attn)")
     from benchmarks.pair_batches import shared_prompt_batch
 
-    from dpo_accel.logps import concatenated_logps
+    from dpo_accel.model.logps import concatenated_logps
 
     model = tiny_llama().to(torch.bfloat16)
     batch = {k: v.cuda() for k, v in shared_prompt_batch().items()}
@@ -207,9 +207,9 @@ def check_qlora_4bit(ctx: Context) -> str:
         raise Skip("bitsandbytes is not installed (pip install bitsandbytes)")
     from benchmarks.pair_batches import shared_prompt_batch
 
-    from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.modeling import load_policy
-    from dpo_accel.recipe import recipe_from_dict
+    from dpo_accel.model.logps import PreferenceLogpsModel
+    from dpo_accel.model.loading import load_policy
+    from dpo_accel.config.load import recipe_from_dict
 
     path = tiny_llama(os.path.join(ctx.folder, "tiny_qlora"))
     recipe = recipe_from_dict({"model": {"model_name_or_path": path, "load_in_4bit": True},
@@ -263,7 +263,7 @@ def bench_check(model: str, configs: str, extra: list[str]):
         path = one_b_dir(ctx) if model == "1b" else None
         if model == "smollm2":
             try:
-                from dpo_accel.modeling import SMOLLM2_ALIAS, resolve_model_path
+                from dpo_accel.model.loading import SMOLLM2_ALIAS, resolve_model_path
 
                 path = resolve_model_path(SMOLLM2_ALIAS)
             except Exception as e:
@@ -316,7 +316,7 @@ def pair_step(path: str, method: str) -> Callable[[int], None]:
     sharing with packed pairs), leanest (+ gradient checkpointing, 128-position chunks)."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_accel.logps import PreferenceLogpsModel
+    from dpo_accel.model.logps import PreferenceLogpsModel
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     if method == "leanest":

@@ -10,10 +10,11 @@ From Python::
 registry of objectives and `compute_objective` the loss of one batch; `concatenated_forward` and
 `preference_loss` are the seed's two functions.
 """
-from dpo_accel.logps import PreferenceLogpsModel, concatenated_forward
-from dpo_accel.losses import LOSSES, compute_objective, preference_loss
-from dpo_accel.plan import preflight
-from dpo_accel.recipe import Recipe, load_recipe
+from dpo_accel.model.logps import PreferenceLogpsModel, concatenated_forward
+from dpo_accel.objectives.registry import LOSSES, compute_objective, preference_loss
+from dpo_accel.config.plan import preflight
+from dpo_accel.config.load import load_recipe
+from dpo_accel.config.schema import Recipe
 from dpo_accel.train import run
 
 __all__ = ["LOSSES", "PreferenceLogpsModel", "Recipe", "compute_objective", "concatenated_forward", "load_recipe",

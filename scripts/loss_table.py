@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dpo_accel.losses import loss_table_markdown  # noqa: E402
+from dpo_accel.objectives.registry import loss_table_markdown
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repository's package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dpo_accel.arith_task import make_pairs, operands  # noqa: E402
+from dpo_accel.data.tasks.arith import make_pairs, operands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

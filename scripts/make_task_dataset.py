@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as a file: make the repository's package im
 
 # task -> (module, default output folder, default held-out pairs, what the held-out pairs are)
 TASKS = {
-    "arith": ("dpo_accel.arith_task", "data/arith_prefs", 200, "operand pairs unseen in train"),
-    "geo": ("dpo_accel.geo_task", "data/geo_prefs", 192, "countries unseen in train"),
+    "arith": ("dpo_accel.data.tasks.arith", "data/arith_prefs", 200, "operand pairs unseen in train"),
+    "geo": ("dpo_accel.data.tasks.geo", "data/geo_prefs", 192, "countries unseen in train"),
 }
 
 

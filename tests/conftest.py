@@ -30,7 +30,7 @@ def _fresh_accelerate_state():
 @pytest.fixture(scope="session")
 def smol_dir() -> str:
     """The offline SmolLM2-135M-Instruct, converted once from its GGUF to a safetensors folder."""
-    from dpo_accel.modeling import SMOLLM2_ALIAS, resolve_model_path
+    from dpo_accel.model.loading import SMOLLM2_ALIAS, resolve_model_path
 
     return resolve_model_path(SMOLLM2_ALIAS)
 

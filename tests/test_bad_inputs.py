@@ -16,8 +16,9 @@ import sys
 import pytest
 
 from conftest import REPO, reset_accelerate, tiny_overrides
-from dpo_accel import modeling, train
-from dpo_accel.recipe import load_recipe
+from dpo_accel import train
+from dpo_accel.model import loading as modeling
+from dpo_accel.config.load import load_recipe
 
 ROWS = [{"prompt": f"What is {i} + {i}?", "chosen": f"{i} + {i} = {2 * i}.", "rejected": f"It is {2 * i + 1}."}
         for i in range(12)]

@@ -1,4 +1,4 @@
-"""dpo_accel.data and dpo_accel.arith_task on the real SmolLM2-135M-Instruct tokenizer (from its GGUF).
+"""dpo_accel.data.formats and dpo_accel.data.tasks.arith on the real SmolLM2-135M-Instruct tokenizer (from its GGUF).
 
 Proves: every format is normalised to prompt/chosen/rejected; bad rows, columns and paths stop with
 one line naming what to fix; the chat template is split into prompt and answer with a prefix check;
@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_accel import arith_task, data
-from dpo_accel.data import (DataError, LengthGroupedSampler, PreferenceCollator, encode_example, format_stats,
-                            load_preference_splits, prompt_input_ids, sequence_lengths, tokenize_splits)
-from dpo_accel.recipe import DataConfig
+from dpo_accel.data.tasks import arith as arith_task
+from dpo_accel.data.formats import formats as data
+from dpo_accel.data.formats import DataError, load_preference_splits
+from dpo_accel.data.collate import LengthGroupedSampler, PreferenceCollator, sequence_lengths
+from dpo_accel.data.tokenize import encode_example, format_stats, prompt_input_ids, tokenize_splits
+from dpo_accel.config.schema import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data" / "arith_prefs"
@@ -301,7 +303,7 @@ def test_second_tokenize_call_hits_the_cache(tmp_path, tok, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("tokenised again instead of loading the datasets cache")
 
-    monkeypatch.setattr(data, "_tokenize_row", must_not_run)
+    monkeypatch.setattr(data, "tokenize_row", must_not_run)
     again = load_file(tmp_path, src)  # a fresh load of the same file, as a rerun of the script does
     second, stats2 = tokenize_splits(again, tok, cfg)
     assert stats2 == stats1 and second["train"].cache_files == first["train"].cache_files

@@ -52,7 +52,7 @@ def read_run(out: str) -> dict:
 def run_here(model_dir: str, out: str, per_device: int, **extra) -> dict:
     """One process, in this interpreter."""
     from dpo_accel import train
-    from dpo_accel.recipe import load_recipe
+    from dpo_accel.config.load import load_recipe
 
     reset_accelerate()
     try:
@@ -245,7 +245,7 @@ def test_generation_under_a_sharded_policy(config, tiny_model_dir, tmp_path):
     finishes, and the answers before training are exactly those of the unsharded starting model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_accel.evaluate import generate_answers
+    from dpo_accel.evaluation.generation import generate_answers
 
     if "deepspeed" in config:
         pytest.importorskip("deepspeed")
@@ -280,7 +280,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, sys.argv[1])
-from dpo_accel.metrics import MetricAccumulator, token_counts
+from dpo_accel.evaluation.metrics import MetricAccumulator, token_counts
 
 accelerator = Accelerator(cpu=True)
 assert accelerator.num_processes == 2
@@ -377,7 +377,7 @@ def test_deepspeed_configs_give_the_zero_stage_asked_for_in_bf16(config, stage, 
     from accelerate.utils import DeepSpeedPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-    from dpo_accel.distributed import deepspeed_config_for_reference
+    from dpo_accel.model.distributed import deepspeed_config_for_reference
 
     args = launcher_args(config)
     assert args.use_deepspeed and args.num_processes == 8 and args.mixed_precision == "bf16"
@@ -415,8 +415,8 @@ def test_replica_reference_is_frozen_unwrapped_and_in_eval_mode(tiny_model_dir):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from dpo_accel.distributed import backend_name, place_reference, reference_load_device
-    from dpo_accel.logps import PreferenceLogpsModel
+    from dpo_accel.model.distributed import backend_name, place_reference, reference_load_device
+    from dpo_accel.model.logps import PreferenceLogpsModel
 
     accelerator = Accelerator(cpu=True)
     module = PreferenceLogpsModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir).train())
@@ -430,8 +430,8 @@ def test_fsdp_launch_on_cpu_processes_is_refused_not_silently_ddp(monkeypatch):
     """Accelerate 1.15 runs an FSDP (or DeepSpeed) launch on CPU-only processes as DDP without a word."""
     from accelerate import Accelerator
 
-    from dpo_accel.distributed import check_backend
-    from dpo_accel.recipe import RecipeError
+    from dpo_accel.model.distributed import check_backend
+    from dpo_accel.config.errors import RecipeError
 
     check_backend(Accelerator(cpu=True))  # nothing asked for: fine
     reset_accelerate()
@@ -443,8 +443,8 @@ def test_fsdp_launch_on_cpu_processes_is_refused_not_silently_ddp(monkeypatch):
 
 
 def test_zero3_reference_without_deepspeed_says_what_to_install(monkeypatch):
-    from dpo_accel.distributed import deepspeed_reference
-    from dpo_accel.recipe import RecipeError
+    from dpo_accel.model.distributed import deepspeed_reference
+    from dpo_accel.config.errors import RecipeError
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as if not installed
     with pytest.raises(RecipeError, match="pip install deepspeed"):
@@ -457,7 +457,7 @@ def test_gathered_copy_merges_like_the_original_and_saves_tied_weights_once(tiny
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from dpo_accel.distributed import gathered_copy, is_sharded
+    from dpo_accel.model.distributed import gathered_copy, is_sharded
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).eval()
@@ -481,7 +481,7 @@ def test_gathered_copy_merges_like_the_original_and_saves_tied_weights_once(tiny
 
 def test_memory_plan_per_backend():
     """Hand-checked: 100 parameters, all trainable, copy reference, 4 processes."""
-    from dpo_accel.distributed import memory_per_device
+    from dpo_accel.model.distributed import memory_per_device
 
     assert memory_per_device("single", 1, 100, 100, "copy").total == 400 + 400 + 800 + 400
     assert memory_per_device("ddp", 4, 100, 100, "copy").gradients == 800  # + the DDP bucket copy

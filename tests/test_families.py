@@ -20,8 +20,7 @@ import types
 import pytest
 import torch
 
-from dpo_accel.logps import (PreferenceLogpsModel, concatenated_forward, relative_difference,
-                             settle_logps_path)
+from dpo_accel.model.logps import PreferenceLogpsModel, concatenated_forward, relative_difference, settle_logps_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
@@ -72,7 +71,7 @@ def build(name: str, lora: bool = True, seed: int = 0) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_accel.modeling import disable_dropout
+    from dpo_accel.model.loading import disable_dropout
 
     model_type, extra, attn = FAMILIES[name]
     shape = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -202,8 +201,8 @@ def test_moe_loss_adds_the_models_own_router_loss_and_the_reference_never_comput
     """The router loss of the training forward (either layout) is the model's own ``aux_loss`` on the
     stacked, padded rows; the objective adds coef x it (config coefficient, or the recipe's); a forward
     without gradients (every reference strategy, eval) returns none; dense models never do."""
-    from dpo_accel.losses import compute_objective
-    from dpo_accel.recipe import LossConfig
+    from dpo_accel.objectives.registry import compute_objective
+    from dpo_accel.config.schema import LossConfig
 
     model = build(name)
     batch = family_batch()
@@ -276,7 +275,8 @@ def test_self_check_picks_the_full_path_for_a_head_it_cannot_see_and_lean_forced
     assert message.endswith("set train.logps_path: auto or full")
     good = PreferenceLogpsModel(build("GPT-NeoX (partial rotary)"))
     assert settle_logps_path(good, batch, "lean").startswith("log-probs: memory-lean") and not good.naive
-    from dpo_accel.recipe import RecipeError, load_recipe
+    from dpo_accel.config.errors import RecipeError
+    from dpo_accel.config.load import load_recipe
 
     assert load_recipe(None, ["train.logps_path=full"]).train.logps_path == "full"
     with pytest.raises(RecipeError, match="^recipe key 'train.logps_path' is 'fast'; choose one of: auto, lean, full$"):
@@ -400,7 +400,7 @@ def test_dpo_paper_recipes_run_on_a_tiny_gpt_neox(smol_dir, tmp_path):
     64-pair step each, RMSprop, warm-up, clipping, the 16-bit reference copy and the 256-pair eval cap."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_accel.recipe import load_recipe
+    from dpo_accel.config.load import load_recipe
 
     sft_recipe = os.path.join(REPO, "recipes", "dpo_paper_hh_pythia28_sft.yaml")
     dpo_recipe = os.path.join(REPO, "recipes", "dpo_paper_hh_pythia28_dpo.yaml")

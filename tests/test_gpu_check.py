@@ -69,7 +69,7 @@ def test_longest_fitting_doubles_then_bisects_to_the_memory_limit():
 def test_the_checks_reference_pairs_are_what_the_packed_layout_reproduces():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_accel.logps import concatenated_logps
+    from dpo_accel.model.logps import concatenated_logps
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

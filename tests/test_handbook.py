@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from dpo_accel import handbook
-from dpo_accel.recipe import RecipeError, load_recipe
+from dpo_accel.config import handbook
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe
 
 RECIPES = {name: os.path.join(REPO, "recipes", f"handbook_{name}.yaml") for name in ("dpo", "orpo")}
 
@@ -67,8 +68,8 @@ def test_every_key_of_the_shipped_recipes_maps_or_is_ignored(name):
     else:
         assert ignored == ["gradient_checkpointing_kwargs", "log_level"]
         assert recipe.loss.loss_type == "orpo" and recipe.model.gradient_checkpointing
-        from dpo_accel.losses import needs_reference
-        from dpo_accel.reference import resolve_mode
+        from dpo_accel.objectives.registry import needs_reference
+        from dpo_accel.model.reference import resolve_mode
 
         assert resolve_mode(recipe, needs_reference(recipe.loss)) == "none"
 

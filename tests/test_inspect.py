@@ -1,4 +1,4 @@
-"""`python -m dpo_accel.inspect`: the plan, the data and the estimate of a recipe without its weights.
+"""`python -m dpo_accel.inspect_recipe`: the plan, the data and the estimate of a recipe without its weights.
 
 Proves: inspect on the shipped recipes finishes without opening a weight file (open, safetensors and
 torch.load are made to fail) and prints the plan, the per-source data summary and an estimate per
@@ -21,8 +21,8 @@ import time
 import pytest
 
 from conftest import REPO
-from dpo_accel import inspect as dinspect
-from dpo_accel.recipe import load_recipe
+from dpo_accel import inspect_recipe as dinspect
+from dpo_accel.config.load import load_recipe
 
 MAIN = os.path.join(REPO, "recipes", "smollm2_arith_lora.yaml")
 SEVEN_B = os.path.join(REPO, "model_configs", "llama-2-7b.json")
@@ -112,9 +112,11 @@ def test_flops_per_step_match_torchs_flop_counter(tiny_model_dir):
     from torch.utils.flop_counter import FlopCounterMode
 
     from conftest import tiny_overrides
-    from dpo_accel.data import PreferenceCollator, load_preference_splits, tokenize_splits
-    from dpo_accel.logps import PreferenceLogpsModel, settle_logps_path
-    from dpo_accel.modeling import load_policy, load_tokenizer
+    from dpo_accel.data.collate import PreferenceCollator
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.data.tokenize import tokenize_splits
+    from dpo_accel.model.logps import PreferenceLogpsModel, settle_logps_path
+    from dpo_accel.model.loading import load_policy, load_tokenizer
 
     overrides = tiny_overrides(tiny_model_dir, "/tmp/unused", **{
         "lora.use_peft": True, "lora.lora_r": 4, "data.max_train_samples": 8, "train.per_device_train_batch_size": 8,
@@ -147,7 +149,7 @@ MEASURE = textwrap.dedent("""
     import accelerate, datasets, peft, torch, transformers  # imported before the baseline
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from dpo_accel import train
-    from dpo_accel.recipe import load_recipe
+    from dpo_accel.config.schema import load_recipe
 
     def rss():
         with open("/proc/self/statm") as f:

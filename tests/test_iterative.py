@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from conftest import REPO, reset_accelerate, tiny_overrides
-from dpo_accel import iterative, train
-from dpo_accel.recipe import RecipeError, load_recipe
+from dpo_accel import train
+from dpo_accel.loops import iterative
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe
 
 SCORER = '''
 def by_length(prompts, answers):
@@ -115,8 +117,8 @@ def test_rounds_table_lines_up():
 
 @pytest.mark.slow
 def test_pairs_are_best_versus_worst_and_round_data_is_a_preference_dataset(world, straight):
-    from dpo_accel.data import load_preference_splits
-    from dpo_accel.recipe import DataConfig
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.config.schema import DataConfig
 
     folder = straight["rounds"][0]
     with open(os.path.join(folder, "answers.jsonl")) as f:
@@ -280,7 +282,7 @@ BAD = [
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_iterative_keys_fail_in_one_line_before_any_weight(case, world, tmp_path, capsys, monkeypatch):
-    from dpo_accel import modeling
+    from dpo_accel.model import loading as modeling
 
     name, sets, expected = case
     existing = tmp_path / "existing"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_accel import judge
-from dpo_accel.recipe import RecipeError
+from dpo_accel.evaluation import judge
+from dpo_accel.config.errors import RecipeError
 
 
 def make_reward_model(tokenizer_dir: str, path: str) -> str:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, reset_accelerate
-from dpo_accel.kto import kto_inputs, mismatched_sources, weight_hint
-from dpo_accel.losses import compute_objective, validate_loss_config
-from dpo_accel.recipe import LossConfig
+from dpo_accel.data.unpaired import kto_inputs, mismatched_sources, weight_hint
+from dpo_accel.objectives.registry import compute_objective, validate_loss_config
+from dpo_accel.config.schema import LossConfig
 
 
 def trl_kto_losses(pc, pr, pkl, rc, rr, rkl, beta, wd, wu):
@@ -161,7 +161,7 @@ def small_model_dir(tmp_path_factory) -> str:
 def test_unpaired_conversational_rows_train_and_log_kto_metrics(small_model_dir, tmp_path, capsys):
     from conftest import tiny_overrides
     from dpo_accel import train
-    from dpo_accel.recipe import load_recipe
+    from dpo_accel.config.load import load_recipe
 
     data = write_unpaired(str(tmp_path / "unpaired"))
     out = str(tmp_path / "run")

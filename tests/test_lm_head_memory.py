@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpo_accel.logps import _LinearHeadLogps, concatenated_logps, head_chunk_positions
+from dpo_accel.model.logps import _LinearHeadLogps, concatenated_logps, head_chunk_positions
 
 
 def reference_logps(head: torch.nn.Linear, hidden, targets):

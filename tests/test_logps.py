@@ -1,4 +1,4 @@
-"""dpo_accel.logps: the concatenated forward and the memory-lean log-probs, against naive references.
+"""dpo_accel.model.logps: the concatenated forward and the memory-lean log-probs, against naive references.
 
 Tiny random Llama models in float32 on CPU (dropout 0). Every "reference" here is computed in the test
 from the model's full logits, one side at a time, so the library's concatenation, shifting, masking,
@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dpo_accel.logps import (PreferenceLogpsModel, concatenated_forward, concatenated_inputs,
-                             concatenated_logps)
+from dpo_accel.model.logps import PreferenceLogpsModel, concatenated_forward, concatenated_inputs, concatenated_logps
 
 VOCAB = 320
 EOS = 2
@@ -395,7 +394,7 @@ def test_prefix_sharing_equals_separate_forwards_in_values_and_gradients(attn, n
 
 def test_prefix_sharing_runs_the_common_prefix_once(monkeypatch):
     """The decoder gets one row per pair of length max(c + r - s), s the longest common prefix."""
-    import dpo_accel.logps as logps
+    import dpo_accel.model.logps as logps
 
     model = tiny_llama()
     batch = shared_prompt_batch()
@@ -419,7 +418,7 @@ def test_prefix_sharing_runs_the_common_prefix_once(monkeypatch):
 def test_prefix_sharing_without_the_rejected_block_would_differ():
     """The equality test can fail: a plain causal mask over [chosen | rejected rest] lets the rejected part
     see the chosen answer."""
-    from dpo_accel.logps import _prefix_shared_inputs, concatenated_inputs
+    from dpo_accel.model.logps import _prefix_shared_inputs, concatenated_inputs
 
     model = tiny_llama().eval()
     batch = shared_prompt_batch()
@@ -452,7 +451,7 @@ def test_prefix_sharing_keeps_each_rows_sliding_window():
     counted in that row), not of the shared one; without the window in the mask the result differs."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from dpo_accel.logps import _prefix_shared_inputs
+    from dpo_accel.model.logps import _prefix_shared_inputs
 
     config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=VOCAB, sliding_window=3, pad_token_id=0)

@@ -1,4 +1,4 @@
-"""Tests of dpo_accel.losses: every objective against an independent float64 implementation of its paper's
+"""Tests of dpo_accel.objectives.registry: every objective against an independent float64 implementation of its paper's
 formula (plain Python `math`, element by element, no call into the code under test), hand-worked cases,
 the seed signature, combinations (weighted lists, RPO, WPO, f-divergences), reference handling, the
 README table, configuration errors, and a few Adam steps per objective on free log-prob parameters.
@@ -11,11 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_accel.losses import (
-    LOSSES, compute_objective, loss_table_markdown, needs_reference, preference_loss, uses_wpo,
-    validate_loss_config,
-)
-from dpo_accel.recipe import LossConfig
+from dpo_accel.objectives.registry import (LOSSES, compute_objective, loss_table_markdown, needs_reference,
+                                           preference_loss, uses_wpo, validate_loss_config)
+from dpo_accel.config.schema import LossConfig
 
 B = 8
 

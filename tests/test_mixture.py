@@ -20,9 +20,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_overrides
-from dpo_accel import data
-from dpo_accel.data import DataError, format_stats, load_preference_splits, tokenize_splits
-from dpo_accel.recipe import DataConfig, RecipeError, load_recipe
+from dpo_accel.data.formats import formats as data
+from dpo_accel.data.formats import DataError, load_preference_splits
+from dpo_accel.data.tokenize import format_stats, tokenize_splits
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe
+from dpo_accel.config.schema import DataConfig
 
 datasets.disable_progress_bars()
 HH = "\n\nHuman: {q}\n\nAssistant:"
@@ -135,13 +138,13 @@ def test_each_source_is_tokenised_and_cached_apart(tmp_path, tok, monkeypatch):
     first = mixture(tmp_path, [{"id": hh, "weight": 0.5}, {"id": chat, "weight": 0.5}], seed=1)
     tokenize_splits(load(tmp_path, first), tok, first)
     seen = []
-    real = data._tokenize_row
+    real = data.tokenize_row
 
     def counting(row, i, **kwargs):
         seen.append(kwargs["split"])
         return real(row, i, **kwargs)
 
-    monkeypatch.setattr(data, "_tokenize_row", counting)
+    monkeypatch.setattr(data, "tokenize_row", counting)
     second = mixture(tmp_path, [{"id": hh, "weight": 0.5}, {"id": chat, "weight": 1.0}], seed=1)
     tokenized, stats = tokenize_splits(load(tmp_path, second), tok, second)
     assert set(seen) == {chat} and len(seen) == 20  # only the source whose weight changed was tokenised
@@ -190,7 +193,7 @@ def test_shipped_chat_dataset_regenerates_byte_identically(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True)
     shipped = Path(REPO, "data", "arith_chat", "train.jsonl").read_bytes()
     assert (tmp_path / "train.jsonl").read_bytes() == shipped
-    from dpo_accel.arith_task import operands
+    from dpo_accel.data.tasks.arith import operands
 
     evals = {tuple(sorted(operands(json.loads(line)["prompt"])))
              for line in Path(REPO, "data", "arith_prefs", "eval.jsonl").read_text().splitlines()}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_accel import model_card
-from dpo_accel.recipe import load_recipe
+from dpo_accel.outputs import model_card
+from dpo_accel.config.load import load_recipe
 
 TABLE = "| held-out measure (4 generations) | before | after |\n| --- | ---: | ---: |\n| format_rate | 0.250 | 0.750 |"
 SUMMARY = {"global_step": 7, "pairs_seen": 56, "tokens_seen": 12345.0, "table": TABLE,

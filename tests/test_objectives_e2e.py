@@ -28,8 +28,8 @@ import pytest
 
 from conftest import REPO, tiny_overrides
 from dpo_accel import train
-from dpo_accel.losses import LOSSES
-from dpo_accel.recipe import load_recipe
+from dpo_accel.objectives.registry import LOSSES
+from dpo_accel.config.load import load_recipe
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -145,8 +145,8 @@ def test_every_objective_and_modifier_has_an_end_to_end_case():
 @pytest.fixture
 def reference_builds(monkeypatch) -> dict:
     """Counts every way the loop can build a reference: the model loader and each strategy class."""
-    import dpo_accel.modeling as modeling
-    import dpo_accel.reference as reference
+    import dpo_accel.model.loading as modeling
+    import dpo_accel.model.reference as reference
 
     calls = {}
 
@@ -204,8 +204,8 @@ def test_aot_equals_dpo_exactly_while_the_batch_keeps_its_margin_ranks():
     sorted differences ARE the paired ones. Once ranks differ, AOT and DPO part."""
     import torch
 
-    from dpo_accel.losses import compute_objective
-    from dpo_accel.recipe import LossConfig
+    from dpo_accel.objectives.registry import compute_objective
+    from dpo_accel.config.schema import LossConfig
 
     ref = {"chosen_logps": torch.tensor([-10.0, -20.0, -30.0]), "rejected_logps": torch.tensor([-50.0, -70.0, -31.0])}
     same_ranks = {"chosen_logps": ref["chosen_logps"] + torch.tensor([0.5, -0.2, 0.1]),  # margins 40, 50, 1 move < 1
@@ -236,7 +236,7 @@ def test_reference_free_objectives_use_less_peak_memory_than_a_frozen_copy(tmp_p
             "train.learning_rate": 1e-4, **extra})
         # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a large pytest process would
         # report pytest's own peak (CI: both runs "peaked" at the parent's 3.8 GB).
-        code = ("import sys; from dpo_accel import train; from dpo_accel.recipe import load_recipe; "
+        code = ("import sys; from dpo_accel import train; from dpo_accel.config.schema import load_recipe; "
                 "s = train.run(load_recipe(None, sys.argv[1:])); "
                 "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
         env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
-from dpo_accel.online import _prompt_order, build_pairs, check_online
-from dpo_accel.recipe import RecipeError, load_recipe
+from dpo_accel.loops.online import prompt_order, build_pairs, check_online
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe
 
 
 def test_best_versus_worst_ties_and_equal_groups_skipped():
@@ -28,10 +29,10 @@ def test_best_versus_worst_ties_and_equal_groups_skipped():
 
 
 def test_prompt_order_is_seeded_and_covers_each_epoch():
-    first = _prompt_order(5, 0, 0, 5)
-    assert sorted(first) == list(range(5)) and first == _prompt_order(5, 0, 0, 5)
-    assert _prompt_order(5, 0, 3, 4)[:2] == first[3:]
-    assert sorted(_prompt_order(5, 0, 5, 5)) == list(range(5))
+    first = prompt_order(5, 0, 0, 5)
+    assert sorted(first) == list(range(5)) and first == prompt_order(5, 0, 0, 5)
+    assert prompt_order(5, 0, 3, 4)[:2] == first[3:]
+    assert sorted(prompt_order(5, 0, 5, 5)) == list(range(5))
 
 
 @pytest.mark.parametrize("sets,expected", [
@@ -152,9 +153,10 @@ def test_online_non_finite_step_is_skipped_and_weights_stay_finite(tmp_path, mon
     from safetensors.torch import load_file
     from test_objectives_e2e import build_small_vocab_model
 
-    from dpo_accel import losses, train
+    from dpo_accel import train
+    from dpo_accel.objectives import registry as losses
 
-    poison_objective(monkeypatch, losses, {2})  # the online loop imports it from dpo_accel.losses at its start
+    poison_objective(monkeypatch, losses, {2})  # the online loop imports it from dpo_accel.objectives.registry at its start
     model_dir = build_small_vocab_model(str(tmp_path / "model"))
     (tmp_path / "scripted.py").write_text(SCORER)
     out = str(tmp_path / "run")

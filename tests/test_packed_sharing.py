@@ -8,9 +8,9 @@ import torch
 from test_logps import (ATOL, VOCAB, assert_grads_within, grads_of, lora_model, separate_reference, shared_prompt_batch,
                         tiny_llama)
 
-from dpo_accel.attention import PAIR_ATTENTION, PairSegments
-from dpo_accel.logps import (PreferenceLogpsModel, _pair_packed_inputs, concatenated_inputs, concatenated_logps,
-                             decision_line, processed_tokens, settle_logps_path)
+from dpo_accel.model.attention import PAIR_ATTENTION, PairSegments
+from dpo_accel.model.logps import (PreferenceLogpsModel, _pair_packed_inputs, concatenated_inputs,
+                                   concatenated_logps, decision_line, processed_tokens, settle_logps_path)
 
 
 def assert_equal_to_separate(model, batch, atol, grad_rtol, **opts):
@@ -55,7 +55,7 @@ def test_packed_pairs_keep_each_rows_sliding_window(name):
 def test_no_mask_over_the_row_only_each_pairs_small_one(monkeypatch):
     """SDPA sees at most one pair's [r - s, r] mask (the chosen blocks none at all), never [.., L, L] over
     the packed row, and transformers hands the attention no mask."""
-    import dpo_accel.attention as attention
+    import dpo_accel.model.attention as attention
 
     model = tiny_llama()
     batch = shared_prompt_batch()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dpo_accel import plots
+from dpo_accel.evaluation import plots
 
 
 def write_run(path, eval_steps=(2, 4), with_rewards=True):

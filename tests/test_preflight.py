@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from dpo_accel import losses, train
-from dpo_accel.checkpoint import STATE_FILE
-from dpo_accel.files import atomic_write
-from dpo_accel.plan import check_resume_data, preflight
-from dpo_accel.recipe import RecipeError, did_you_mean, dump_recipe, load_recipe
+from dpo_accel import train
+from dpo_accel.objectives import registry as losses
+from dpo_accel.outputs.checkpoints import STATE_FILE
+from dpo_accel.outputs.files import atomic_write
+from dpo_accel.config.plan import check_resume_data, preflight
+from dpo_accel.config.errors import RecipeError, did_you_mean
+from dpo_accel.config.load import load_recipe
+from dpo_accel.config.schema import dump_recipe
 
 
 def recipe_for(out, **extra):

@@ -11,8 +11,9 @@ import yaml
 
 import dpo_accel
 from conftest import REPO
-from dpo_accel.recipe import (RecipeError, all_keys, dump_recipe, load_recipe, parse_override,
-                              recipe_from_dict)
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe, parse_override, recipe_from_dict
+from dpo_accel.config.schema import all_keys, dump_recipe
 
 
 def test_defaults_load():
@@ -75,7 +76,7 @@ def test_yaml_errors_and_missing_files(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))))
 def test_shipped_recipes_validate(path):
-    from dpo_accel.losses import validate_loss_config
+    from dpo_accel.objectives.registry import validate_loss_config
 
     recipe = load_recipe(path)
     validate_loss_config(recipe.loss)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, reset_accelerate, tiny_overrides
 from dpo_accel import train
-from dpo_accel.recipe import load_recipe
+from dpo_accel.config.load import load_recipe
 
 STEP_KEYS = ("loss", "grad_norm", "learning_rate", "rewards/margins")
 # 16 pairs, 4 per step: 4 steps an epoch, 3 epochs; a checkpoint every 2 steps, all kept.

@@ -13,8 +13,8 @@ import torch
 
 from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel import train
-from dpo_accel.checkpoint import NonFiniteError
-from dpo_accel.recipe import load_recipe
+from dpo_accel.outputs.checkpoints import NonFiniteError
+from dpo_accel.config.load import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_lora_reward_model_learns_the_shipped_task(lora_reward_run):
 def test_export_scores_pairs_as_in_training(lora_reward_run):
     """The merged export, loaded by AutoModelForSequenceClassification through judge.load_reward_model, gives
     the held-out rewards the run measured with the adapter attached (same text, same pooling)."""
-    from dpo_accel.data import load_preference_splits
-    from dpo_accel.judge import load_reward_model, reward_scores
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.evaluation.judge import load_reward_model, reward_scores
 
     out, summary = lora_reward_run
     recipe = load_recipe(os.path.join(out, "recipe.yaml"))
@@ -82,8 +82,8 @@ def test_a_run_uses_the_trained_model_as_eval_reward_model(lora_reward_run, smal
 def test_margin_column_reaches_the_loss(small_model_dir, tmp_path):
     """A dataset's margin column (TRL's reward format) is kept by normalisation and subtracted in the loss:
     at step 1 the loss is the mean of -log σ(r_w - r_l - m) over the batch, not of -log σ(r_w - r_l)."""
-    from dpo_accel.data import load_preference_splits
-    from dpo_accel.recipe import DataConfig
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.config.schema import DataConfig
 
     folder = tmp_path / "margins"
     folder.mkdir()
@@ -155,7 +155,7 @@ def test_reward_resume_from_a_checkpoint_equals_the_straight_run(small_model_dir
 
 def poison(monkeypatch, steps) -> None:
     """The reward loop's objective returns a NaN loss at the given (1-based) calls."""
-    from dpo_accel import reward
+    from dpo_accel.loops import reward
 
     poison_objective(monkeypatch, reward, steps)
 

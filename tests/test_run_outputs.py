@@ -13,8 +13,8 @@ import pytest
 
 from conftest import tiny_overrides
 from dpo_accel import train
-from dpo_accel.judge import win_rate
-from dpo_accel.recipe import load_recipe
+from dpo_accel.evaluation.judge import win_rate
+from dpo_accel.config.load import load_recipe
 from test_judge import make_reward_model
 from test_plots import curves_of
 
@@ -74,7 +74,7 @@ def test_sampled_generations_are_seeded_and_leave_the_rng_alone(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_accel.evaluate import generate_answers
+    from dpo_accel.evaluation.generation import generate_answers
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -97,7 +97,7 @@ def test_sampled_generations_are_seeded_and_leave_the_rng_alone(tiny_model_dir):
     ("eval.behaviour=arithmetic", "eval.behaviour 'arithmetic' is not a scorer"),
 ])
 def test_eval_and_hub_keys_are_checked_before_any_compute(override, message):
-    from dpo_accel.recipe import RecipeError
+    from dpo_accel.config.errors import RecipeError
 
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(None, [override])

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from conftest import REPO
-from dpo_accel import geo_task
-from dpo_accel.evaluate import behaviour_scores as evaluate_behaviour_scores
-from dpo_accel.scorers import ScorerError, behaviour_scores, resolve_scorer
+from dpo_accel.data.tasks import geo as geo_task
+from dpo_accel.evaluation.generation import behaviour_scores as evaluate_behaviour_scores
+from dpo_accel.evaluation.scorers import ScorerError, behaviour_scores, resolve_scorer
 
 ROWS = [{"prompt": "Capital of Kenya?", "chosen": "Nairobi", "rejected": "Kampala"},
         {"prompt": "Capital of Peru?", "chosen": [{"role": "assistant", "content": "Lima"}], "rejected": "x"}]

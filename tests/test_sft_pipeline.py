@@ -21,7 +21,8 @@ import torch
 
 from conftest import REPO, reset_accelerate, tiny_overrides
 from dpo_accel import train
-from dpo_accel.recipe import RecipeError, load_recipe
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe
 from test_objectives_e2e import build_small_vocab_model
 
 SFT_RECIPE = os.path.join(REPO, "recipes", "smollm2_arith_sft.yaml")
@@ -40,7 +41,7 @@ def read_rows(out: str) -> list[dict]:
 
 
 def logps_of(model, batch) -> dict:
-    from dpo_accel.logps import PreferenceLogpsModel
+    from dpo_accel.model.logps import PreferenceLogpsModel
 
     with torch.no_grad():
         return PreferenceLogpsModel(model.eval(), chunk_size=64)(**batch)
@@ -105,7 +106,7 @@ def test_sft_adapter_as_reference_gives_the_sft_model_at_step_1(mode, small_mode
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dpo_accel import reference as reference_module
+    from dpo_accel.model import reference as reference_module
 
     cls = reference_module.AdapterOffReference if mode == "adapter_off" else reference_module.CopyReference
     seen = record_first_call(monkeypatch, cls)

@@ -1,4 +1,4 @@
-"""Speed and memory options (dpo_accel.speed and the recipe keys behind them) and the benchmark's smoke run.
+"""Speed and memory options (dpo_accel.model.speed and the recipe keys behind them) and the benchmark's smoke run.
 
 What each test proves, on CPU with tiny models:
 - gradient checkpointing (non-reentrant) with LoRA through the lean log-prob path keeps far fewer
@@ -24,10 +24,12 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import reset_accelerate, tiny_overrides
-from dpo_accel import speed, train
-from dpo_accel.logps import PreferenceLogpsModel
-from dpo_accel.modeling import load_policy
-from dpo_accel.recipe import RecipeError, load_recipe
+from dpo_accel import train
+from dpo_accel.model import speed
+from dpo_accel.model.logps import PreferenceLogpsModel
+from dpo_accel.model.loading import load_policy
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.load import load_recipe
 
 OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes."
 

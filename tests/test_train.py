@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel import train
-from dpo_accel.recipe import load_recipe
+from dpo_accel.config.load import load_recipe
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -93,10 +93,10 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
 
 
 def test_adapter_off_reference_equals_frozen_copy_at_init(tiny_model_dir):
-    from dpo_accel.data import PreferenceCollator
-    from dpo_accel.logps import PreferenceLogpsModel
-    from dpo_accel.modeling import load_frozen_copy, load_policy
-    from dpo_accel.reference import AdapterOffReference, CopyReference
+    from dpo_accel.data.collate import PreferenceCollator
+    from dpo_accel.model.logps import PreferenceLogpsModel
+    from dpo_accel.model.loading import load_frozen_copy, load_policy
+    from dpo_accel.model.reference import AdapterOffReference, CopyReference
 
     recipe = load_recipe(None, tiny_overrides(tiny_model_dir, "unused", **{"lora.use_peft": True}))
     policy = load_policy(recipe.model, recipe.lora, tiny_model_dir)
@@ -252,7 +252,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_in_one_line(tiny_model_dir, tmp_
 def test_weights_with_a_nan_are_never_saved(tiny_model_dir, tmp_path):
     from accelerate import Accelerator
 
-    from dpo_accel.checkpoint import NonFiniteError, check_finite
+    from dpo_accel.outputs.checkpoints import NonFiniteError, check_finite
 
     model = torch.nn.Linear(2, 2)
     accelerator = Accelerator(cpu=True)

@@ -1,0 +1,124 @@
+"""Generation by the policy being trained: held-out answers with their behaviour scores, and the online loop's
+sampled answers. A policy sharded by FSDP2 or ZeRO-3 is gathered into one plain copy on the main process
+first (`gathered_policy`), which generates for every process: a sharded forward needs every process, and
+generation runs a different number of forwards per prompt batch. A replica generates as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import torch
+
+from dpo_accel.model.distributed import gathered_copy, is_sharded, one_process_zero3_off
+from dpo_accel.outputs.console import log
+
+__all__ = ["behaviour_scores", "generate_answers", "generate_on_every_process", "generation_report"]
+
+
+def gathered_policy(accelerator, model):
+    """The HF model inside the prepared log-prob module `model`, ready to generate: itself when every process
+    holds its whole weights, else (FSDP2, ZeRO-3) a plain copy of the gathered weights on the main process
+    and None on the others. Every process must call it (the gather is a collective)."""
+    hf_model = accelerator.unwrap_model(model).model
+    if not is_sharded(hf_model):
+        return hf_model
+    state = {k[len("model."):]: v for k, v in (accelerator.get_state_dict(model) or {}).items()
+             if k.startswith("model.")}  # a collective; ZeRO-3 returns it on the main process only
+    return gathered_copy(hf_model, state).to(accelerator.device) if accelerator.is_main_process else None
+
+
+def generation_report(accelerator, model, tokenizer, prompts: list, max_new_tokens: int,
+                      behaviour: Optional[str], sampling: Optional[dict] = None, rows: Optional[list] = None,
+                      regex: Optional[str] = None) -> dict:
+    """Answers (greedy, or sampled per `sampling`: generate_answers' keywords) of the prepared policy to
+    held-out `prompts`, their behaviour scores (`rows`: the prompts' held-out rows, for scorers that read
+    them, and saved as each sample's chosen answer), on the main process ({} on the others). Every process
+    must call it; only the main process generates."""
+    if not prompts:
+        return {}
+    hf_model = gathered_policy(accelerator, model)
+    report = {}
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        with one_process_zero3_off():  # only this process generates
+            answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast,
+                                       **(sampling or {}))
+        seconds = time.perf_counter() - start
+        log(f"generated {len(answers)} held-out answers in {seconds:.1f} s")
+        k = len(answers) // len(prompts)  # num_return_sequences: each prompt's answers are consecutive
+        prompts, rows = [p for p in prompts for _ in range(k)], rows and [r for r in rows for _ in range(k)]
+        report = {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
+                  "samples": [{"prompt": p, "answer": a, **({"chosen": rows[i]["chosen"]} if rows else {})}
+                              for i, (p, a) in enumerate(zip(prompts, answers))]}
+    accelerator.wait_for_everyone()
+    return report
+
+
+def generate_on_every_process(accelerator, model, tokenizer, prompts: list, max_new_tokens: int, seed: int,
+                              **sampling) -> list[str]:
+    """This process's answers to its own `prompts` (`seed`: its own sampling seed). A replica generates them
+    itself; a sharded policy is gathered onto the main process, which generates every process's prompts
+    with each one's seed, and each process gets its own answers back: the same answers as a replica."""
+    own = accelerator.unwrap_model(model).model
+    if not is_sharded(own):
+        return generate_answers(own, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast, seed=seed,
+                                **sampling)
+    hf_model = gathered_policy(accelerator, model)
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    requests = gather_object([(prompts, seed)])  # one (prompts, seed) per process, in rank order
+    answers = [None] * len(requests)
+    if accelerator.is_main_process:
+        with one_process_zero3_off():
+            answers = [generate_answers(hf_model, tokenizer, p, max_new_tokens, autocast=accelerator.autocast,
+                                        seed=s, **sampling) for p, s in requests]
+    broadcast_object_list(answers)
+    return answers[accelerator.process_index]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16,
+                     autocast=None, temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
+                     seed: int = 0) -> list[str]:
+    """Answers (decoded, special tokens dropped) for `prompts`, tokenised exactly as in training
+    (`data.prompt_input_ids`) and left-padded in batches: greedy at temperature 0, else sampled
+    (`num_return_sequences` per prompt, consecutive; seeded, the caller's RNG state left as it was)."""
+    from dpo_accel.data.tokenize import prompt_input_ids
+
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    device = next(model.parameters()).device
+    answers = []
+    sample = {"do_sample": False}
+    if temperature > 0:
+        sample = {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                  "num_return_sequences": num_return_sequences}
+    # Sampling draws from its own seeded stream: the run's RNG state (and so its resume) is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, len(prompts), batch_size):
+                rows = [prompt_input_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+                width = max(len(r) for r in rows)
+                ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         **sample)
+                answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        finally:
+            model.config.use_cache = use_cache
+            model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def behaviour_scores(name: Optional[str], prompts: list, answers: list[str], rows: Optional[list] = None,
+                     regex: Optional[str] = None) -> dict[str, float]:
+    """Measures of generated answers by the scorer `eval.behaviour` names (dpo_accel.evaluation.scorers)."""
+    from dpo_accel.evaluation.scorers import behaviour_scores as score
+
+    return score(name, prompts, answers, rows, regex)

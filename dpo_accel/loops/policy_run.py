@@ -1,0 +1,208 @@
+"""What a run that trains a policy (offline DPO / KTO / SFT on fixed rows, online DPO on generated pairs) builds
+before its first step: the accelerator, the tokenised data, the log-prob module around the policy, the loaders,
+the engine (optimizer, schedule, resume position) and the reference.
+
+    run = setup(plan)          # every process; the checks that need the data or the model fail here, in one line
+    kind = OfflineKind(run)    # or OnlineKind(run)
+    run.engine.train(kind)
+    summary = finish(run)      # dpo_accel.loops.finish
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from dpo_accel.config.plan import Plan, check_resume_data
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.config.schema import Recipe, dump_recipe, recipe_to_dict
+from dpo_accel.loops.engine import Engine, build_accelerator, steps_per_epoch
+from dpo_accel.outputs.checkpoints import base_fingerprint, save_trainable_only
+from dpo_accel.outputs.console import log
+
+__all__ = ["PolicyRun", "setup"]
+
+# More than this share of the training pairs dropped by truncation stops the run, as does every kept pair cut;
+# a smaller share, or more than TRUNCATED_WARN of the pairs cut, is said in one line.
+DROPPED_ERROR, DROPPED_WARN, TRUNCATED_WARN = 0.5, 0.05, 0.25
+
+LAYOUT_TEXT = {"shared": "prefix sharing (one row per pair, the prompt run once)",
+               "packed_shared": "prefix sharing, pairs packed into one row (each prompt run once, no padding)",
+               "concat": "chosen and rejected rows stacked", "packed": "padding-free packing"}
+
+
+@dataclass
+class PolicyRun:
+    """What setup built, read by the loop kinds and the finish."""
+
+    plan: Plan
+    accelerator: Any
+    engine: Engine  # holds the prepared model, optimizer, schedule and the step reached
+    train_loader: Any
+    eval_loader: Any
+    sampler: Any
+    reference: Any  # a dpo_accel.model.reference strategy: .logps(batch, split)
+    tokenizer: Any
+    prompts: list  # held-out prompts for generations
+    eval_rows: list  # their held-out rows (their chosen answers, for scorers and the judge)
+    data_stats: dict
+    started: float
+
+    @property
+    def model(self):
+        return self.engine.model
+
+
+def flat_config(recipe: Recipe) -> dict:
+    """Recipe as flat scalars for trackers (TensorBoard's hparams take no lists)."""
+    flat = {}
+    for section, values in recipe_to_dict(recipe).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def build_data(accelerator, recipe: Recipe, tokenizer):
+    """The raw and tokenised splits (the main process tokenises, the others read its cache) and their stats."""
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.data.tokenize import format_stats, tokenize_splits
+    from dpo_accel.data.unpaired import is_unpaired, unpaired_splits
+
+    with accelerator.main_process_first():
+        raw = load_preference_splits(recipe.data, recipe.train.seed)
+        if is_unpaired(recipe.loss):  # KTO: labelled rows, each with its mismatched KL completion
+            raw = unpaired_splits(raw, recipe.loss, recipe.train.seed)
+        tokenized, stats = tokenize_splits(raw, tokenizer, recipe.data)
+    log(format_stats(stats), prefix=False)
+    if len(tokenized["train"]) == 0:
+        raise RecipeError("no training pair survived truncation; raise data.max_length or data.max_prompt_length")
+    check_truncation(stats.get("train", {}), recipe.data)
+    return raw, tokenized, stats
+
+
+def check_truncation(train_stats: dict, d) -> None:
+    """data.max_length so small that most pairs are dropped is an error; many dropped or cut, a warning."""
+    pairs = train_stats.get("pairs") or 0
+    if not pairs:
+        return
+    dropped, cut = train_stats.get("dropped", 0) / pairs, train_stats.get("truncated", 0) / pairs
+    longest = train_stats.get("raw_max", 0)
+    advice = (f"raise data.max_length (now {d.max_length}, the longest pair needs {longest}) or "
+              f"data.max_prompt_length (now {d.max_prompt_length})")
+    if dropped > DROPPED_ERROR:
+        raise RecipeError(f"truncation drops {train_stats['dropped']} of {pairs} training pairs ({dropped:.0%}); {advice}")
+    kept = train_stats.get("kept", 0)
+    if kept and train_stats.get("truncated", 0) >= kept:
+        raise RecipeError(f"truncation cuts every one of the {kept} training pairs it keeps ({train_stats['dropped']} "
+                          f"dropped); {advice}")
+    if dropped > DROPPED_WARN or cut > TRUNCATED_WARN:
+        log(f"warning: truncation drops {dropped:.0%} of the training pairs and cuts {cut:.0%}; {advice}")
+
+
+def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
+    """The facts that need the built policy: its log-prob path and layout (a self-check on 2 training pairs),
+    torch.compile and the auto micro-batch; then the resolved recipe is saved, so recipe.yaml and every
+    checkpoint's recipe say what ran."""
+    from dpo_accel.data.collate import PreferenceCollator
+    from dpo_accel.model.distributed import whole_weights
+    from dpo_accel.model.logps import settle_logps_path
+    from dpo_accel.model.speed import apply_speed_options
+
+    train = tokenized["train"]
+    probe = PreferenceCollator(tokenizer.pad_token_id)([train[i] for i in range(min(2, len(train)))])
+    with whole_weights(model):  # ZeRO-3 partitioned the policy as it loaded
+        log(settle_logps_path(model, probe, plan.recipe.train.logps_path))
+    micro = apply_speed_options(accelerator, plan.recipe, model, tokenized["train"], tokenizer.pad_token_id,
+                                with_reference=plan.reference_mode in ("adapter_off", "copy"),
+                                search=plan.search_micro_batch)
+    plan = plan.settled(model.layout, micro)
+    accelerator.gradient_accumulation_steps = plan.geometry.accumulation
+    if accelerator.is_main_process:
+        os.makedirs(plan.recipe.train.output_dir, exist_ok=True)
+        dump_recipe(plan.recipe, os.path.join(plan.recipe.train.output_dir, "recipe.yaml"))
+    return plan
+
+
+def build_loaders(plan: Plan, tokenized, tokenizer):
+    """The training loader (length-grouped by the global batch, or an epoch-seeded shuffle) and the eval one."""
+    from torch.utils.data import DataLoader
+
+    from dpo_accel.data.collate import EpochRandomSampler, LengthGroupedSampler, PreferenceCollator, sequence_lengths
+
+    t, d, g = plan.recipe.train, plan.recipe.data, plan.geometry
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    train = tokenized["train"]
+    if d.group_by_length:
+        lengths = sequence_lengths(train, plan.layout)  # the row width the decoder will see
+        # Grouped by the GLOBAL batch, so 2 processes x 2 pairs see the same pairs as 1 x 4.
+        sampler = LengthGroupedSampler(lengths, g.per_device * g.processes, seed=t.seed)
+    else:
+        sampler = EpochRandomSampler(len(train), t.seed)
+    train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator)
+    eval_loader = None
+    if "eval" in tokenized and len(tokenized["eval"]) and plan.recipe.eval.do_eval:
+        eval_loader = DataLoader(tokenized["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator)
+    return train_loader, eval_loader, sampler, collator
+
+
+def startup_line(plan: Plan, accelerator, model, ref_model, max_steps: int) -> str:
+    from dpo_accel.model.loading import count_parameters
+    from dpo_accel.model.reference import reference_summary
+
+    trainable, total = count_parameters(model)
+    layout = LAYOUT_TEXT[plan.layout] if plan.pairs else "chosen rows only"  # sft trains on the chosen rows alone
+    return (f"policy {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M | reference: "
+            f"{reference_summary(plan.reference_mode, ref_model)} | {plan.geometry.processes} process(es), "
+            f"{accelerator.mixed_precision} precision | {layout} | {max_steps} steps of {plan.geometry.global_batch} "
+            f"{'pairs' if plan.pairs else 'examples'}")
+
+
+def setup(plan: Plan) -> PolicyRun:
+    """Everything before the first step: accelerator, data, policy, loaders, engine, reference, resume."""
+    from accelerate.utils import set_seed
+
+    from dpo_accel.model.loading import load_policy, load_tokenizer, resolve_model_path
+    from dpo_accel.model.logps import PreferenceLogpsModel
+    from dpo_accel.model.reference import build_reference
+
+    started = time.perf_counter()
+    recipe, t = plan.recipe, plan.recipe.train
+    accelerator = build_accelerator(plan)
+    set_seed(t.seed)
+    with accelerator.main_process_first():  # one GGUF conversion, then every process reads the cache
+        model_path = resolve_model_path(recipe.model.model_name_or_path, recipe.model.gguf_file)
+    tokenizer = load_tokenizer(recipe.model, model_path)
+    raw, tokenized, stats = build_data(accelerator, recipe, tokenizer)
+    model = PreferenceLogpsModel(load_policy(recipe.model, recipe.lora, model_path), chunk_size=t.logps_chunk_size,
+                                 chunk_mb=t.logps_chunk_mb, wpo=plan.objective.wpo, packing=t.padding_free,
+                                 prefix_sharing=t.prefix_sharing, pack_pairs=t.pack_pairs)
+    plan = settle(plan, accelerator, model, tokenized, tokenizer)
+    frozen = any(not p.requires_grad for p in model.parameters())
+    base = base_fingerprint(model) if frozen and save_trainable_only(accelerator) else None
+    train_loader, eval_loader, sampler, collator = build_loaders(plan, tokenized, tokenizer)
+    epoch_steps = steps_per_epoch(plan, len(train_loader))
+    fingerprint = tokenized["train"]._fingerprint
+    check_resume_data(plan, fingerprint, epoch_steps)
+    engine, train_loader = Engine.prepare(plan, accelerator, model, train_loader, epoch_steps, fingerprint, base)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare_data_loader(eval_loader)
+    reference, ref_model = build_reference(accelerator, plan.recipe, plan.reference_mode, engine.model, model_path,
+                                           tokenized, collator)
+    log(startup_line(plan, accelerator, engine.model, ref_model, engine.max_steps))
+    accelerator.init_trackers("dpo_accel", config=flat_config(plan.recipe))
+    engine.resume()  # after the reference: a prepared reference copy is part of the checkpoint
+    prompts = list(raw["eval"]["prompt"][:recipe.eval.generation_prompts]) if "eval" in raw else []
+    rows = raw["eval"].select(range(len(prompts))).to_list() if prompts else []
+    return PolicyRun(plan=plan, accelerator=accelerator, engine=engine, train_loader=train_loader,
+                     eval_loader=eval_loader, sampler=sampler, reference=reference, tokenizer=tokenizer,
+                     prompts=prompts, eval_rows=rows, data_stats=stats, started=started)
+
+
+def held_out_metrics(run: PolicyRun) -> Optional[dict]:
+    """Held-out preference metrics of the policy now (a collective), or None without a held-out split."""
+    from dpo_accel.evaluation.heldout import evaluate_preferences
+
+    if run.eval_loader is None:
+        return None
+    return evaluate_preferences(run.accelerator, run.model, run.reference, run.eval_loader, run.plan.objective)
