@@ -464,108 +464,190 @@ def generated_pairs_lines(recipe: Recipe, per_device: int, steps: int) -> list[s
     return []
 
 
-def report(recipe: Recipe, args) -> tuple[str, dict]:
-    """The printed report and its numbers (for tests)."""
-    from dpo_accel.data.tokenize import format_stats, tokenize_splits
-    from dpo_accel.data.formats import load_preference_splits
-    from dpo_accel.model.logps import resolve_prefix_sharing
-    from dpo_accel.model.loading import load_tokenizer, resolve_model_path
-    from dpo_accel.model.reference import resolve_mode
+@dataclass
+class Inspection:
+    """What the report is built from: the resolved plan and recipe, the model's config and facts, and the
+    training data tokenised and counted as the run would."""
+    recipe: Recipe
+    args: argparse.Namespace
+    plan: object  # config.plan.Plan
+    note: Optional[str]  # why the plan was made as on a GPU, if it was
+    config: object
+    facts: ModelFacts
+    tokenized: object
+    stats: dict
+    batches: Batches
+    layout: str  # the layout the run uses ("chosen rows" without pairs)
+    lay: str  # the layout its tokens are counted in
+    steps_per_epoch: int
+    steps: int
 
-    start = time.perf_counter()
-    plan, note = resolve_plan(recipe)
-    recipe = plan.recipe
-    config = with_attention(model_config(recipe, args.model_config), recipe)
+    @property
+    def processes(self) -> int:
+        return self.args.processes
+
+
+def tokenize_recipe_data(recipe: Recipe, args) -> tuple:
+    """(tokenized, stats): the recipe's data tokenised by its tokenizer as the run would (cached, so the
+    run reuses it); with --model-config the recipe's tokenizer still counts the tokens."""
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.data.tokenize import tokenize_splits
+    from dpo_accel.model.loading import load_tokenizer, resolve_model_path
+
     if args.model_config and not recipe.model.tokenizer_name_or_path:
         recipe.model.tokenizer_name_or_path = recipe.model.model_name_or_path  # the recipe's tokenizer counts tokens
     tok_source = recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path
     tokenizer = load_tokenizer(recipe.model, resolve_model_path(tok_source, recipe.model.gguf_file))
     splits = load_preference_splits(recipe.data, recipe.train.seed)
-    tokenized, stats = tokenize_splits(splits, tokenizer, recipe.data)
+    return tokenize_splits(splits, tokenizer, recipe.data)
+
+
+def run_layout(plan, recipe: Recipe, config) -> str:
+    """The layout the run feeds the decoder: chosen rows (no pairs), packed, prefix sharing or stacked rows."""
+    from dpo_accel.model.logps import resolve_prefix_sharing
+
+    if not plan.pairs:
+        return "chosen rows"
+    if recipe.train.padding_free:
+        return "packed"
+    try:
+        return "shared" if resolve_prefix_sharing(config, recipe.train.prefix_sharing) else "concat"
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+
+
+def gather_inspection(recipe: Recipe, args) -> Inspection:
+    """Plan the recipe, read the model's config and tokenise and count the data (no weights)."""
+    plan, note = resolve_plan(recipe)
+    recipe = plan.recipe
+    config = with_attention(model_config(recipe, args.model_config), recipe)
+    tokenized, stats = tokenize_recipe_data(recipe, args)
     processes = args.processes
     batches = batch_tokens(tokenized, recipe, processes)
     facts = model_facts(config, recipe)
-    if not plan.pairs:
-        layout = "chosen rows"
-    elif recipe.train.padding_free:
-        layout = "packed"
-    else:
-        try:
-            layout = "shared" if resolve_prefix_sharing(config, recipe.train.prefix_sharing) else "concat"
-        except ValueError as e:
-            raise RecipeError(str(e)) from None
+    layout = run_layout(plan, recipe, config)
     lay = layout if layout in batches.per_layout else "concat"
     steps_per_epoch = math.ceil(math.ceil(batches.count / processes) / plan.geometry.accumulation)
     steps = recipe.train.max_steps if recipe.train.max_steps > 0 else math.ceil(
         recipe.train.num_train_epochs * steps_per_epoch)
-    o = plan.objective
+    return Inspection(recipe, args, plan, note, config, facts, tokenized, stats, batches, layout, lay,
+                      steps_per_epoch, steps)
+
+
+def plan_lines(ins: Inspection) -> list[str]:
+    """The `== plan` section: model, objective, reference, layout, precision, batch geometry and steps."""
+    recipe, args, facts, o, g = ins.recipe, ins.args, ins.facts, ins.plan.objective, ins.plan.geometry
     lines = [f"== plan ({recipe.model.model_name_or_path if not args.model_config else args.model_config}, "
              f"{facts.model_type}, {facts.params / 1e6:,.1f}M parameters, {facts.trainable / 1e6:,.2f}M trainable)"]
     terms = " + ".join(f"{w:g} x {spec.name}" if w != 1 else spec.name for spec, w in o.terms)
     lines.append(f"objective      {terms}{f' + {o.config.rpo_alpha:g} x NLL (rpo_alpha)' if o.config.rpo_alpha else ''}"
-                 f" | reference: {plan.reference_mode}")
-    lines.append(f"layout         {layout} | {recipe.train.mixed_precision or 'launch config'} precision, "
+                 f" | reference: {ins.plan.reference_mode}")
+    lines.append(f"layout         {ins.layout} | {recipe.train.mixed_precision or 'launch config'} precision, "
                  f"weights {recipe.model.dtype}{', 4-bit (QLoRA)' if recipe.model.load_in_4bit else ''}"
                  f"{', gradient checkpointing' if recipe.model.gradient_checkpointing else ''}")
-    g = plan.geometry
-    lines.append(f"batch          {g.per_device} pairs x {g.accumulation} accumulation x {processes} process(es) = "
-                 f"{g.per_device * g.accumulation * processes} pairs per step")
-    lines.append(f"steps          {steps} ({steps_per_epoch} per epoch of {len(tokenized['train'])} pairs)")
-    lines += generated_pairs_lines(recipe, g.per_device, steps)
-    if note:
-        lines.append(f"note           {note}")
-    lines += ["", "== data", format_stats(stats), ""]
+    lines.append(f"batch          {g.per_device} pairs x {g.accumulation} accumulation x {ins.processes} process(es) = "
+                 f"{g.per_device * g.accumulation * ins.processes} pairs per step")
+    lines.append(f"steps          {ins.steps} ({ins.steps_per_epoch} per epoch of {len(ins.tokenized['train'])} pairs)")
+    lines += generated_pairs_lines(recipe, g.per_device, ins.steps)
+    if ins.note:
+        lines.append(f"note           {ins.note}")
+    return lines
+
+
+def data_lines(ins: Inspection) -> list[str]:
+    """The `== data` section: the per-split, per-source summary and the tokens per epoch per layout."""
+    from dpo_accel.data.tokenize import format_stats
+
+    batches = ins.batches
+    lines = ["", "== data", format_stats(ins.stats), ""]
     real = batches.real
-    lines.append(f"tokens per epoch (train, {batches.count} micro-batches of {g.per_device} in the sampler's order):")
+    lines.append(f"tokens per epoch (train, {batches.count} micro-batches of {ins.plan.geometry.per_device} "
+                 f"in the sampler's order):")
     lines.append(f"  real (chosen + rejected, prompt twice) {real:>12,}")
     for key, text in (("concat", "stacked [2B, T] rows"), ("shared", "prefix sharing, one row per pair"),
                       ("packed", "padding-free packing")):
-        lines.append(f"  {text:<38} {batches.per_layout[key]:>12,}  ({batches.per_layout[key] / max(real, 1):.2f} x real)")
+        tokens = batches.per_layout[key]
+        lines.append(f"  {text:<38} {tokens:>12,}  ({tokens / max(real, 1):.2f} x real)")
     saving = 1 - batches.per_layout["shared"] / max(batches.per_layout["concat"], 1)
     lines.append(f"  prefix sharing runs {saving:.0%} fewer tokens than stacked rows on this data")
+    return lines
+
+
+def memory_lines(ins: Inspection, device: Device, est: Estimate) -> list[str]:
+    """One device's memory table: each term of the estimate, the total, and the other checkpointing choice."""
+    recipe, facts = ins.recipe, ins.facts
+    lora = "LoRA " if recipe.lora.use_peft else ""
+    lines = [f"-- {device.name}{f' ({device.chip})' if device.chip else ''}"]
+    rows = [(f"weights ({recipe.model.dtype}{', 4-bit' if recipe.model.load_in_4bit else ''})", est.weights),
+            (f"{lora}gradients + optimizer", est.gradients + est.optimizer),
+            (f"reference ({ins.plan.reference_mode})", est.reference)]
+    used, other = (est.activations_checkpointed, est.activations) if est.checkpointing else \
+        (est.activations, est.activations_checkpointed)
+    rows.append((f"activations ({'with' if est.checkpointing else 'no'} checkpointing)", used))
+    rows.append((f"LM-head chunk ({lm_head_positions(recipe, facts.vocab)} x {facts.vocab})", est.lm_head))
+    rows.append(("CUDA context + allocator" if device.gpu else "CPU allocator (freed blocks kept)", est.overhead))
+    rows.append(("total", est.total))
+    lines += [f"  {label:<36}{gib(value)}" for label, value in rows]
+    lines.append(f"  {'(activations ' + ('without' if est.checkpointing else 'with') + ' checkpointing)':<36}"
+                 f"{gib(other)}")
+    return lines
+
+
+def fits_on(ins: Inspection, device: Device):
+    """``fits(trial) -> bool``: whether a changed copy of the recipe fits `device` (the test fix_for runs)."""
+    from dpo_accel.model.reference import resolve_mode
+
+    def fits(trial: Recipe) -> bool:
+        mode = resolve_mode(trial, ins.plan.objective.needs_reference)
+        return estimate(trial, model_facts(ins.config, trial), ins.config, mode, ins.lay,
+                        batch_tokens(ins.tokenized, trial, ins.processes), device, ins.args.backend,
+                        ins.processes).total <= device.memory
+
+    return fits
+
+
+def time_and_fit_lines(ins: Inspection, device: Device, est: Estimate, flops: float) -> list[str]:
+    """A GPU's time per step and per run at --mfu, whether it fits and, if not, the setting that makes it."""
+    args, steps, recipe = ins.args, ins.steps, ins.recipe
+    per_step = flops / (device.peak_flops * args.mfu)
+    lines = [f"  time at {args.mfu:.0%} MFU: {human(per_step)} per step, {human(per_step * steps)} "
+             f"for {steps} steps"]
+    if est.total <= device.memory:
+        lines.append(f"  fits: yes ({gib(device.memory - est.total).strip()} to spare)")
+        return lines
+    fix = fix_for(recipe, fits_on(ins, device))
+    lines.append(f"  fits: NO, {gib(est.total - device.memory).strip()} over; "
+                 + (f"set {fix}" if fix else f"no single setting makes it fit: lower data.max_length "
+                    f"(now {recipe.data.max_length}), add processes (--backend fsdp2 / zero3) or "
+                    f"take a larger GPU"))
+    return lines
+
+
+def estimate_lines(ins: Inspection, estimates: dict) -> list[str]:
+    """The `== estimate` section, per device (the CPU here, or each --gpu); fills `estimates` by device name."""
+    args, batches, lay, processes = ins.args, ins.batches, ins.lay, ins.processes
     devices = [parse_gpu(x) for x in args.gpu] or [Device("cpu (this machine)", None, None)]
-    numbers = {"plan": plan, "layout": layout, "steps": steps, "batches": batches, "facts": facts, "estimates": {}}
-    flops = flops_per_step(recipe, facts, plan.reference_mode, batches, lay, config, processes)
-    lines += ["", f"== estimate per device (longest micro-batch: {batches.longest[lay][0]} rows x "
-                  f"{batches.longest[lay][1]} tokens, {layout}; backend {args.backend}, {processes} process(es))"]
+    flops = flops_per_step(ins.recipe, ins.facts, ins.plan.reference_mode, batches, lay, ins.config, processes)
+    lines = ["", f"== estimate per device (longest micro-batch: {batches.longest[lay][0]} rows x "
+                 f"{batches.longest[lay][1]} tokens, {ins.layout}; backend {args.backend}, {processes} process(es))"]
     lines.append(f"FLOPs per optimizer step per device: {flops / 1e12:,.2f} TFLOP")
     for device in devices:
-        est = estimate(recipe, facts, config, plan.reference_mode, lay, batches, device, args.backend, processes)
-        numbers["estimates"][device.name] = est
-        lora = "LoRA " if recipe.lora.use_peft else ""
-        lines.append(f"-- {device.name}{f' ({device.chip})' if device.chip else ''}")
-        rows = [(f"weights ({recipe.model.dtype}{', 4-bit' if recipe.model.load_in_4bit else ''})", est.weights),
-                (f"{lora}gradients + optimizer", est.gradients + est.optimizer),
-                (f"reference ({plan.reference_mode})", est.reference)]
-        used, other = (est.activations_checkpointed, est.activations) if est.checkpointing else \
-            (est.activations, est.activations_checkpointed)
-        rows.append((f"activations ({'with' if est.checkpointing else 'no'} checkpointing)", used))
-        rows.append((f"LM-head chunk ({lm_head_positions(recipe, facts.vocab)} x {facts.vocab})", est.lm_head))
-        rows.append(("CUDA context + allocator" if device.gpu else "CPU allocator (freed blocks kept)",
-                     est.overhead))
-        rows.append(("total", est.total))
-        lines += [f"  {label:<36}{gib(value)}" for label, value in rows]
-        lines.append(f"  {'(activations ' + ('without' if est.checkpointing else 'with') + ' checkpointing)':<36}"
-                     f"{gib(other)}")
+        est = estimate(ins.recipe, ins.facts, ins.config, ins.plan.reference_mode, lay, batches, device,
+                       args.backend, processes)
+        estimates[device.name] = est
+        lines += memory_lines(ins, device, est)
         if device.gpu:
-            per_step = flops / (device.peak_flops * args.mfu)
-            fits = est.total <= device.memory
-            lines.append(f"  time at {args.mfu:.0%} MFU: {human(per_step)} per step, {human(per_step * steps)} "
-                         f"for {steps} steps")
-            if fits:
-                lines.append(f"  fits: yes ({gib(device.memory - est.total).strip()} to spare)")
-            else:
-                def fits_with(trial: Recipe, d=device) -> bool:
-                    mode = resolve_mode(trial, plan.objective.needs_reference)
-                    return estimate(trial, model_facts(config, trial), config, mode, lay,
-                                    batch_tokens(tokenized, trial, processes), d, args.backend,
-                                    processes).total <= d.memory
+            lines += time_and_fit_lines(ins, device, est, flops)
+    return lines
 
-                fix = fix_for(recipe, fits_with)
-                lines.append(f"  fits: NO, {gib(est.total - device.memory).strip()} over; "
-                             + (f"set {fix}" if fix else f"no single setting makes it fit: lower data.max_length "
-                                f"(now {recipe.data.max_length}), add processes (--backend fsdp2 / zero3) or "
-                                f"take a larger GPU"))
+
+def report(recipe: Recipe, args) -> tuple[str, dict]:
+    """The printed report and its numbers (for tests)."""
+    start = time.perf_counter()
+    ins = gather_inspection(recipe, args)
+    numbers = {"plan": ins.plan, "layout": ins.layout, "steps": ins.steps, "batches": ins.batches,
+               "facts": ins.facts, "estimates": {}}
+    lines = plan_lines(ins) + data_lines(ins) + estimate_lines(ins, numbers["estimates"])
     lines.append(f"\n[dpo_accel] inspect took {time.perf_counter() - start:.1f} s (no weights loaded)")
     return "\n".join(lines), numbers
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dpo_accel.data.tasks import arith as arith_task
-from dpo_accel.data.formats import formats as data
+from dpo_accel.data import tokenize as data_tokenize
 from dpo_accel.data.formats import DataError, load_preference_splits
 from dpo_accel.data.collate import LengthGroupedSampler, PreferenceCollator, sequence_lengths
 from dpo_accel.data.tokenize import encode_example, format_stats, prompt_input_ids, tokenize_splits
@@ -303,7 +303,7 @@ def test_second_tokenize_call_hits_the_cache(tmp_path, tok, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("tokenised again instead of loading the datasets cache")
 
-    monkeypatch.setattr(data, "tokenize_row", must_not_run)
+    monkeypatch.setattr(data_tokenize, "tokenize_row", must_not_run)
     again = load_file(tmp_path, src)  # a fresh load of the same file, as a rerun of the script does
     second, stats2 = tokenize_splits(again, tok, cfg)
     assert stats2 == stats1 and second["train"].cache_files == first["train"].cache_files

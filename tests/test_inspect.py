@@ -149,7 +149,7 @@ MEASURE = textwrap.dedent("""
     import accelerate, datasets, peft, torch, transformers  # imported before the baseline
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from dpo_accel import train
-    from dpo_accel.config.schema import load_recipe
+    from dpo_accel.config.load import load_recipe
 
     def rss():
         with open("/proc/self/statm") as f:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_overrides
-from dpo_accel.data.formats import formats as data
+from dpo_accel.data import tokenize as data_tokenize
 from dpo_accel.data.formats import DataError, load_preference_splits
 from dpo_accel.data.tokenize import format_stats, tokenize_splits
 from dpo_accel.config.errors import RecipeError
@@ -138,13 +138,13 @@ def test_each_source_is_tokenised_and_cached_apart(tmp_path, tok, monkeypatch):
     first = mixture(tmp_path, [{"id": hh, "weight": 0.5}, {"id": chat, "weight": 0.5}], seed=1)
     tokenize_splits(load(tmp_path, first), tok, first)
     seen = []
-    real = data.tokenize_row
+    real = data_tokenize.tokenize_row
 
     def counting(row, i, **kwargs):
         seen.append(kwargs["split"])
         return real(row, i, **kwargs)
 
-    monkeypatch.setattr(data, "tokenize_row", counting)
+    monkeypatch.setattr(data_tokenize, "tokenize_row", counting)
     second = mixture(tmp_path, [{"id": hh, "weight": 0.5}, {"id": chat, "weight": 1.0}], seed=1)
     tokenized, stats = tokenize_splits(load(tmp_path, second), tok, second)
     assert set(seen) == {chat} and len(seen) == 20  # only the source whose weight changed was tokenised

@@ -1,4 +1,4 @@
-"""Online DPO (train.online_generations, dpo_accel/online.py): pairs built from scored answers as specified
+"""Online DPO (train.online_generations, dpo_accel/loops/online.py): pairs built from scored answers as specified
 (best vs worst, ties and all-equal groups skipped and counted), a run on a tiny model with a scripted
 verifier that takes real DPO steps on the pairs it generated, a resumed run equal to the straight one, and
 two gloo ranks."""
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
-from dpo_accel.loops.online import prompt_order, build_pairs, check_online
+from dpo_accel.config.loop_checks import check_online
+from dpo_accel.data.generated import build_pairs, prompt_order
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.load import load_recipe
 
@@ -154,9 +155,9 @@ def test_online_non_finite_step_is_skipped_and_weights_stay_finite(tmp_path, mon
     from test_objectives_e2e import build_small_vocab_model
 
     from dpo_accel import train
-    from dpo_accel.objectives import registry as losses
+    from dpo_accel.loops import online
 
-    poison_objective(monkeypatch, losses, {2})  # the online loop imports it from dpo_accel.objectives.registry at its start
+    poison_objective(monkeypatch, online, {2})
     model_dir = build_small_vocab_model(str(tmp_path / "model"))
     (tmp_path / "scripted.py").write_text(SCORER)
     out = str(tmp_path / "run")

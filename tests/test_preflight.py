@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from dpo_accel.outputs.metrics_log import truncate_metrics
 from conftest import tiny_overrides
 from dpo_accel import train
 from dpo_accel.objectives import registry as losses
@@ -193,7 +194,7 @@ def test_resume_before_the_first_checkpoint_starts_over_and_a_damaged_one_is_nam
         preflight(recipe_for(out))
     assert preflight(recipe_for(out), resume=True).resume_from is None
     assert "no complete checkpoint yet; starting the run from scratch there" in capsys.readouterr().out
-    train.truncate_metrics(str(out), 0)
+    truncate_metrics(str(out), 0)
     assert (out / "metrics.jsonl").read_text() == ""
     with pytest.raises(RecipeError, match="no run started there; drop --resume"):
         preflight(recipe_for(tmp_path / "empty"), resume=True)

@@ -19,6 +19,7 @@ import shutil
 import pytest
 import torch
 
+from dpo_accel.loops.offline import progress_postfix
 from conftest import REPO, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.config.errors import RecipeError
@@ -69,8 +70,8 @@ def test_sft_on_single_answer_data_reports_nll_not_rewards(small_model_dir, tmp_
 
 
 def test_progress_bar_postfix_without_a_rejected_side():
-    assert train.progress_postfix({"loss": 1.5, "nll": 1.5}) == {"loss": "1.5000", "nll": "1.500"}
-    assert train.progress_postfix({"loss": 0.5, "rewards/accuracies": 0.75, "nll": 2.0})["acc"] == "0.75"
+    assert progress_postfix({"loss": 1.5, "nll": 1.5}) == {"loss": "1.5000", "nll": "1.500"}
+    assert progress_postfix({"loss": 0.5, "rewards/accuracies": 0.75, "nll": 2.0})["acc"] == "0.75"
 
 
 @pytest.fixture(scope="module")

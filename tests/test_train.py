@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from dpo_accel.config.plan import check_output_dir
 from conftest import REPO, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.config.load import load_recipe
@@ -79,7 +80,7 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     reset_accelerate()
 
     recipe = load_recipe(None, overrides)
-    train.check_output_dir(recipe, resume=True)
+    check_output_dir(recipe, resume=True)
     train.run(recipe, resume=True)
     resumed = read_metrics(out)
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]  # log truncated to the checkpoint
@@ -213,7 +214,9 @@ def test_main_job_command_runs_on_the_real_smollm2(smol_dir, tmp_path):
 
 def poison_steps(monkeypatch, steps: set):
     """Make the loss NaN on the micro-batches of the given optimizer steps (1-based, one micro-batch each)."""
-    poison_objective(monkeypatch, train, steps)
+    from dpo_accel.loops import offline
+
+    poison_objective(monkeypatch, offline, steps)
 
 
 def test_a_non_finite_step_is_skipped_and_logged_as_strict_json(tiny_model_dir, tmp_path, monkeypatch):

@@ -486,6 +486,126 @@ def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_m
 
 # ------------------------------------------------------------------------------------------ public
 
+def settle_logps_options(model: torch.nn.Module, has_rejected: bool, *, naive: bool, packing: bool,
+                         prefix_sharing: bool, pack_pairs: bool, router_aux: bool):
+    """Refuse, with one line and before any compute, the options the model cannot run, and settle what they
+    leave: (HF model, None on the naive path; config; prefix_sharing; pack_pairs; router-loss spec or None)."""
+    hf_model = unwrap_decoder(model) if not naive else None
+    config = (hf_model if hf_model is not None else _unwrap_for_config(model)).config
+    if hf_model is not None:
+        problem = lean_problem(hf_model)
+        if problem:
+            raise ValueError(f"no memory-lean path for model type '{config.model_type}': {problem}; pass naive=True")
+    if packing:
+        _check_packing(config)
+    if prefix_sharing:
+        resolve_prefix_sharing(config, True, packing)  # one-line error where it cannot run
+        prefix_sharing = has_rejected  # nothing to share without rejected rows
+    pack_pairs = bool(pack_pairs and prefix_sharing)
+    if pack_pairs and not use_pair_attention(config):
+        raise ValueError(f"pack_pairs runs on SDPA attention; the model uses '{config._attn_implementation}'; "
+                         f"set pack_pairs=False")
+    aux_spec = router_aux_spec(unwrap_decoder(_unwrap_for_config(model)) if naive else hf_model) if router_aux else None
+    if aux_spec and naive and prefix_sharing:
+        raise ValueError("the full-logits path of an MoE model computes its router loss on stacked rows; "
+                         "set prefix_sharing=False")
+    return hf_model, config, prefix_sharing, pack_pairs, aux_spec
+
+
+def decoder_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   n_chosen: int, config, *, packing: bool, prefix_sharing: bool, pack_pairs: bool):
+    """The decoder's forward kwargs for the layout, and where each kept (row, col) of the stacked rows lands
+    in its flattened output (flat_pos [N]), so every layout gives the stacked rows' log-probs; plus how many
+    stacked rows each decoder token stands for (token_weight, the router loss's weights)."""
+    R, T = input_ids.shape
+    token_weight = attention_mask  # per decoder token: how many stacked rows it stands for (router loss)
+    if packing:  # index of (row, col) among the real tokens, in the packed row's order
+        flat_pos = (attention_mask.reshape(-1).cumsum(0) - 1).view(R, T)[rows, cols]
+        packed_ids, position_ids = _packed_inputs(input_ids, attention_mask)
+        forward_kwargs = dict(input_ids=packed_ids, position_ids=position_ids, attention_mask=None)
+        token_weight = torch.ones_like(packed_ids)
+    elif pack_pairs:  # as below, each pair's row starting at its offset in the one packed row
+        forward_kwargs, shared, c_len, offsets = _pair_packed_inputs(input_ids, attention_mask, n_chosen, config)
+        segments = forward_kwargs["pair_segments"]
+        pair = rows % n_chosen
+        moved = (rows >= n_chosen) & (cols >= shared[pair])
+        flat_pos = offsets[pair] + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
+        lengths = torch.tensor(segments.lengths, device=shared.device)
+        column = torch.arange(segments.total, device=shared.device) - torch.repeat_interleave(offsets, lengths)
+        token_weight = (1 + (column < torch.repeat_interleave(shared, lengths)).long()).unsqueeze(0)
+    elif prefix_sharing:  # chosen rows keep their columns; rejected columns past the shared prefix move
+        forward_kwargs, shared, c_len, L = _prefix_shared_inputs(input_ids, attention_mask, n_chosen, config)
+        pair = rows % n_chosen
+        moved = (rows >= n_chosen) & (cols >= shared[pair])
+        flat_pos = pair * L + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
+        j = torch.arange(L, device=input_ids.device).unsqueeze(0)
+        row_len = c_len + attention_mask[n_chosen:].sum(-1) - shared
+        token_weight = (j < row_len.unsqueeze(1)).long() + (j < shared.unsqueeze(1)).long()
+    else:
+        flat_pos = rows * T + cols
+        forward_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    return forward_kwargs, flat_pos, token_weight
+
+
+def label_token_logps(model: torch.nn.Module, hf_model: Optional[torch.nn.Module], config, forward_kwargs: dict,
+                      flat_pos: torch.Tensor, targets: torch.Tensor, *, naive: bool, wpo: bool, pack_pairs: bool,
+                      chunk_size: int, chunk_mb: Optional[float]):
+    """The one forward pass, and the log-prob of each kept label token [N]: through the full logits (naive)
+    or the decoder body and the chunked head (lean). Returns (model outputs, which carry the router logits;
+    token log-probs [N]; with wpo the detached logsumexp_v(2 logp_v) [N], else None)."""
+    wpo_adjust = None
+    no_masks = skip_masks() if pack_pairs else contextlib.nullcontext()  # the pairs' attention needs none
+    if naive:
+        with no_masks:
+            outputs = model(**forward_kwargs, use_cache=False)
+        logits = outputs.logits  # [R, T, V] or [1, L, V]
+        logps = torch.log_softmax(_upcast(logits), dim=-1).flatten(0, 1)[flat_pos]  # [N, V]
+        token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if wpo:
+            with torch.no_grad():
+                wpo_adjust = torch.logsumexp(2.0 * logps, dim=-1)
+    else:
+        transform = _logit_transform(config)
+        with no_masks:
+            outputs = hf_model.get_decoder()(**forward_kwargs, use_cache=False)
+        hidden = outputs.last_hidden_state.flatten(0, 1)[flat_pos]  # post final norm; [N, H]
+        head = hf_model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or config.vocab_size
+        token_logps, wpo_adjust = _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab)
+    return outputs, token_logps, wpo_adjust
+
+
+def sequence_logps(token_logps: torch.Tensor, wpo_adjust: Optional[torch.Tensor], rows: torch.Tensor,
+                   next_labels: torch.Tensor, n_chosen: int, wpo: bool) -> dict:
+    """The per-token log-probs summed back into their rows: the chosen_* (and rejected_*) entries of the
+    `concatenated_logps` dict (summed log-probs, label-token counts, with wpo the WPO means)."""
+    R = next_labels.shape[0]
+    device = token_logps.device
+    sums = torch.zeros(R, dtype=token_logps.dtype, device=device).index_add_(0, rows, token_logps)
+    counts = (next_labels != IGNORE_INDEX).sum(-1).float()
+    out = {"chosen_logps": sums[:n_chosen], "chosen_tokens": counts[:n_chosen]}
+    if R > n_chosen:
+        out.update(rejected_logps=sums[n_chosen:], rejected_tokens=counts[n_chosen:])
+    if wpo:
+        adjusted = token_logps.detach() - wpo_adjust
+        means = torch.zeros(R, dtype=adjusted.dtype, device=device).index_add_(0, rows, adjusted)
+        means = means / counts.clamp(min=1)
+        out["chosen_wpo_logps"] = means[:n_chosen]
+        if R > n_chosen:
+            out["rejected_wpo_logps"] = means[n_chosen:]
+    return out
+
+
+def router_aux_loss(aux_spec: tuple, outputs, token_weight: torch.Tensor, device: torch.device) -> dict:
+    """``aux_loss`` and ``aux_loss_coef`` of an MoE model from the forward's router logits, so a shared or
+    packed layout reports the loss the stacked rows would."""
+    fn, experts, top_k, coef = aux_spec
+    # The family's own function with each token weighted by the stacked rows it stands for (a shared
+    # prefix twice, padding never): the value its forward gives for the stacked [2B, T] rows.
+    return {"aux_loss": torch.as_tensor(fn(outputs.router_logits, experts, top_k, token_weight), device=device),
+            "aux_loss_coef": torch.tensor(coef, device=device)}
+
+
 def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int = 256,
                        chunk_mb: Optional[float] = 64.0, wpo: bool = False, naive: bool = False,
                        packing: bool = False, prefix_sharing: bool = False, pack_pairs: bool = False,
@@ -518,103 +638,30 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     input_ids, attention_mask, labels, n_chosen = concatenated_inputs(batch)
     _check_padding(attention_mask, labels)
-    hf_model = unwrap_decoder(model) if not naive else None
-    config = (hf_model if hf_model is not None else _unwrap_for_config(model)).config
-    if hf_model is not None:
-        problem = lean_problem(hf_model)
-        if problem:
-            raise ValueError(f"no memory-lean path for model type '{config.model_type}': {problem}; pass naive=True")
-    if packing:
-        _check_packing(config)
-    if prefix_sharing:
-        resolve_prefix_sharing(config, True, packing)  # one-line error where it cannot run
-        prefix_sharing = input_ids.shape[0] > n_chosen  # nothing to share without rejected rows
-    pack_pairs = bool(pack_pairs and prefix_sharing)
-    if pack_pairs and not use_pair_attention(config):
-        raise ValueError(f"pack_pairs runs on SDPA attention; the model uses '{config._attn_implementation}'; "
-                         f"set pack_pairs=False")
-    aux_spec = router_aux_spec(unwrap_decoder(_unwrap_for_config(model)) if naive else hf_model) if router_aux else None
-    if aux_spec and naive and prefix_sharing:
-        raise ValueError("the full-logits path of an MoE model computes its router loss on stacked rows; "
-                         "set prefix_sharing=False")
+    hf_model, config, prefix_sharing, pack_pairs, aux_spec = settle_logps_options(
+        model, input_ids.shape[0] > n_chosen, naive=naive, packing=packing, prefix_sharing=prefix_sharing,
+        pack_pairs=pack_pairs, router_aux=router_aux)
     if not naive and not packing:
         # Right padding: columns past the longest real row change nothing; drop them before the decoder.
         T = int(attention_mask.sum(-1).max().clamp(min=1))
         input_ids, attention_mask, labels = input_ids[:, :T], attention_mask[:, :T], labels[:, :T]
-    R, T = input_ids.shape
 
     # Position t predicts the label at t + 1; keep only positions whose next token is a label.
     next_labels = labels[:, 1:]
     rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)  # [N] each, row-major order
     targets = next_labels[rows, cols]
-    token_weight = attention_mask  # per decoder token: how many stacked rows it stands for (router loss)
-    if packing:  # index of (row, col) among the real tokens, in the packed row's order
-        flat_pos = (attention_mask.reshape(-1).cumsum(0) - 1).view(R, T)[rows, cols]
-        packed_ids, position_ids = _packed_inputs(input_ids, attention_mask)
-        forward_kwargs = dict(input_ids=packed_ids, position_ids=position_ids, attention_mask=None)
-        token_weight = torch.ones_like(packed_ids)
-    elif pack_pairs:  # as below, each pair's row starting at its offset in the one packed row
-        forward_kwargs, shared, c_len, offsets = _pair_packed_inputs(input_ids, attention_mask, n_chosen, config)
-        segments = forward_kwargs["pair_segments"]
-        pair = rows % n_chosen
-        moved = (rows >= n_chosen) & (cols >= shared[pair])
-        flat_pos = offsets[pair] + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
-        lengths = torch.tensor(segments.lengths, device=shared.device)
-        column = torch.arange(segments.total, device=shared.device) - torch.repeat_interleave(offsets, lengths)
-        token_weight = (1 + (column < torch.repeat_interleave(shared, lengths)).long()).unsqueeze(0)
-    elif prefix_sharing:  # chosen rows keep their columns; rejected columns past the shared prefix move
-        forward_kwargs, shared, c_len, L = _prefix_shared_inputs(input_ids, attention_mask, n_chosen, config)
-        pair = rows % n_chosen
-        moved = (rows >= n_chosen) & (cols >= shared[pair])
-        flat_pos = pair * L + torch.where(moved, c_len[pair] + cols - shared[pair], cols)
-        j = torch.arange(L, device=input_ids.device).unsqueeze(0)
-        row_len = c_len + attention_mask[n_chosen:].sum(-1) - shared
-        token_weight = (j < row_len.unsqueeze(1)).long() + (j < shared.unsqueeze(1)).long()
-    else:
-        flat_pos = rows * T + cols
-        forward_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    forward_kwargs, flat_pos, token_weight = decoder_inputs(input_ids, attention_mask, rows, cols, n_chosen, config,
+                                                            packing=packing, prefix_sharing=prefix_sharing,
+                                                            pack_pairs=pack_pairs)
     if aux_spec:
         forward_kwargs["output_router_logits"] = True
 
-    wpo_adjust = None
-    no_masks = skip_masks() if pack_pairs else contextlib.nullcontext()  # the pairs' attention needs none
-    if naive:
-        with no_masks:
-            outputs = model(**forward_kwargs, use_cache=False)
-        logits = outputs.logits  # [R, T, V] or [1, L, V]
-        logps = torch.log_softmax(_upcast(logits), dim=-1).flatten(0, 1)[flat_pos]  # [N, V]
-        token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        if wpo:
-            with torch.no_grad():
-                wpo_adjust = torch.logsumexp(2.0 * logps, dim=-1)
-    else:
-        transform = _logit_transform(config)
-        with no_masks:
-            outputs = hf_model.get_decoder()(**forward_kwargs, use_cache=False)
-        hidden = outputs.last_hidden_state.flatten(0, 1)[flat_pos]  # post final norm; [N, H]
-        head = hf_model.get_output_embeddings()
-        vocab = getattr(head, "out_features", None) or config.vocab_size
-        token_logps, wpo_adjust = _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab)
-
-    device = token_logps.device
-    sums = torch.zeros(R, dtype=token_logps.dtype, device=device).index_add_(0, rows, token_logps)
-    counts = (next_labels != IGNORE_INDEX).sum(-1).float()
-    out = {"chosen_logps": sums[:n_chosen], "chosen_tokens": counts[:n_chosen]}
-    if R > n_chosen:
-        out.update(rejected_logps=sums[n_chosen:], rejected_tokens=counts[n_chosen:])
-    if wpo:
-        adjusted = token_logps.detach() - wpo_adjust
-        means = torch.zeros(R, dtype=adjusted.dtype, device=device).index_add_(0, rows, adjusted)
-        means = means / counts.clamp(min=1)
-        out["chosen_wpo_logps"] = means[:n_chosen]
-        if R > n_chosen:
-            out["rejected_wpo_logps"] = means[n_chosen:]
+    outputs, token_logps, wpo_adjust = label_token_logps(model, hf_model, config, forward_kwargs, flat_pos, targets,
+                                                         naive=naive, wpo=wpo, pack_pairs=pack_pairs,
+                                                         chunk_size=chunk_size, chunk_mb=chunk_mb)
+    out = sequence_logps(token_logps, wpo_adjust, rows, next_labels, n_chosen, wpo)
     if aux_spec:
-        fn, experts, top_k, coef = aux_spec
-        # The family's own function with each token weighted by the stacked rows it stands for (a shared
-        # prefix twice, padding never): the value its forward gives for the stacked [2B, T] rows.
-        out["aux_loss"] = torch.as_tensor(fn(outputs.router_logits, experts, top_k, token_weight), device=device)
-        out["aux_loss_coef"] = torch.tensor(coef, device=device)
+        out.update(router_aux_loss(aux_spec, outputs, token_weight, token_logps.device))
     return out
 
 
@@ -671,6 +718,103 @@ class PathDecision:
         self.layout_text = ""  # with sharing: how the pairs reach the decoder (the start-up line names it)
 
 
+def check_lean_path(model: torch.nn.Module, probe: dict, hf_model: torch.nn.Module, decision: PathDecision, *,
+                    path: str, family: str, rtol: float, packing: bool, chunk_size: int,
+                    chunk_mb: Optional[float]):
+    """Settle ``decision.path`` by comparing the lean log-probs with the model's own on the probe (the part
+    of `self_check` that picks lean or full logits; "lean" requested and not exact raises one line).
+    Returns (full-logits result, lean result or None where the lean path did not run)."""
+    lean = None
+    full = concatenated_logps(model, probe, naive=True, packing=packing)
+    problem = lean_problem(hf_model)
+    if path == "full":
+        decision.path, decision.path_reason = "full", "forced by the recipe (train.logps_path: full)"
+    elif problem:
+        decision.path, decision.path_reason = "full", f"cannot run: {problem}"
+    else:
+        lean = concatenated_logps(model, probe, chunk_size=chunk_size, chunk_mb=chunk_mb, packing=packing)
+        decision.path_diff = relative_difference(lean, full)
+        ok = _agree_across_processes(decision.path_diff <= rtol)
+        decision.path = "lean" if ok else "full"
+        decision.path_reason = (f"equal to the model's own logits within {rtol:g}" if ok else
+                                f"differs from the model's own logits by {decision.path_diff:.1e} relative "
+                                f"(more than {rtol:g})")
+    if path == "lean" and decision.path != "lean":
+        raise ValueError(f"train.logps_path: lean, but for model type '{family}' the lean log-probs "
+                         f"{decision.path_reason}; set train.logps_path: auto or full")
+    return full, lean
+
+
+def try_shared_layout(model: torch.nn.Module, probe: dict, decision: PathDecision, stacked: dict, pack: bool, *,
+                      naive: bool, rtol: float, chunk_size: int, chunk_mb: Optional[float]) -> tuple[bool, str]:
+    """Whether one prefix-shared layout (``pack``: the pairs packed into one row, else a padded row per pair)
+    gives the stacked rows' log-probs on the probe, agreed by all ranks, and why not (records the difference
+    in ``decision.sharing_diff``). A forward that refuses the layout counts as a no, not an error."""
+    try:
+        shared = concatenated_logps(model, probe, chunk_size=chunk_size, chunk_mb=chunk_mb, naive=naive,
+                                    prefix_sharing=True, pack_pairs=pack)
+        decision.sharing_diff = relative_difference(shared, stacked)
+        ok = decision.sharing_diff <= rtol
+        reason = (f"the shared layout differs from stacked rows by {decision.sharing_diff:.1e} "
+                  f"relative (the family's attention does not follow the "
+                  f"{'per-pair attention' if pack else '4D mask'} or position ids)")
+    except Exception as e:  # e.g. ALiBi built from a 2D mask
+        ok, reason = False, (f"the family's forward refuses "
+                             f"{'the packed pairs' if pack else 'a 4D mask'} ({type(e).__name__}: {str(e)[:120]})")
+    return _agree_across_processes(ok), reason
+
+
+def describe_shared_layout(decision: PathDecision, config, probe: dict, ok: bool, reason: str) -> None:
+    """Fill ``decision.layout_text`` and ``decision.sharing_reason`` for the start-up line: the layout that
+    runs (and its attention kernel) and any sliding windows where sharing is exact, else why it is off."""
+    windows = attention_windows(config)
+    sliding = {t: w for t, w in windows.items() if w is not None}
+    if ok and decision.pack_pairs:
+        from dpo_accel.model.attention import flex_available
+
+        kernel = "FlexAttention block mask" if flex_available(probe["chosen_input_ids"].device) else \
+            "SDPA per pair, no mask over the row"
+        decision.layout_text = f"pairs packed into one row ({kernel})"
+    elif ok:
+        decision.layout_text = "one padded row per pair (4D mask)"
+    decision.sharing_reason = (("exact" + (f", sliding window {', '.join(str(w) for w in sliding.values())} "
+                                           f"in its own-row positions" if sliding else ""))
+                               if ok else reason)
+
+
+def choose_shared_layout(model: torch.nn.Module, probe: dict, decision: PathDecision, stacked: dict, config, *,
+                         naive: bool, rtol: float, family: str, prefix_sharing: Optional[bool],
+                         pack_pairs: Optional[bool], chunk_size: int, chunk_mb: Optional[float]) -> None:
+    """Settle prefix sharing on the probe, fastest exact layout first: the pairs packed into one row (SDPA),
+    then one padded row per pair; ``prefix_sharing`` / ``pack_pairs`` True raise one line where theirs is not
+    exact. Sets ``decision.sharing``, ``.pack_pairs``, ``.layout_text`` and ``.sharing_reason``."""
+    def attempt(pack: bool) -> tuple[bool, str]:
+        return try_shared_layout(model, probe, decision, stacked, pack, naive=naive, rtol=rtol,
+                                 chunk_size=chunk_size, chunk_mb=chunk_mb)
+
+    impl = getattr(config, "_attn_implementation", None)
+    ok, reason = False, "not tried"
+    if pack_pairs is not False and impl in ("sdpa", PAIR_ATTENTION):  # fastest first: no padding, no mask
+        ok, reason = attempt(True)
+        decision.pack_pairs = ok
+        if not ok:
+            config._attn_implementation = impl  # back to what the model had
+    elif pack_pairs is True:
+        raise ValueError(f"train.pack_pairs: true runs on SDPA attention; model type '{family}' uses "
+                         f"'{impl}'; set train.pack_pairs: null or false")
+    if not ok and pack_pairs is not True:
+        ok, reason = attempt(False)
+        decision.pack_pairs = False
+    decision.sharing = ok
+    describe_shared_layout(decision, config, probe, ok, reason)
+    if pack_pairs is True and not decision.pack_pairs:
+        raise ValueError(f"train.pack_pairs: true, but for model type '{family}' {reason}; "
+                         f"set train.pack_pairs: null or false")
+    if prefix_sharing is True and not ok:
+        raise ValueError(f"train.prefix_sharing: true, but for model type '{family}' {reason}; "
+                         f"set train.prefix_sharing: null or false")
+
+
 def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefix_sharing: Optional[bool] = None,
                packing: bool = False, chunk_size: int = 256, chunk_mb: Optional[float] = 64.0,
                pack_pairs: Optional[bool] = None) -> PathDecision:
@@ -698,23 +842,8 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
     device_type = probe["chosen_input_ids"].device.type
     try:  # in the weights' own dtype: under autocast a soft-cap rounds differently in the two paths
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            full = concatenated_logps(model, probe, naive=True, packing=packing)
-            problem = lean_problem(hf_model)
-            if path == "full":
-                decision.path, decision.path_reason = "full", "forced by the recipe (train.logps_path: full)"
-            elif problem:
-                decision.path, decision.path_reason = "full", f"cannot run: {problem}"
-            else:
-                lean = concatenated_logps(model, probe, chunk_size=chunk_size, chunk_mb=chunk_mb, packing=packing)
-                decision.path_diff = relative_difference(lean, full)
-                ok = _agree_across_processes(decision.path_diff <= rtol)
-                decision.path = "lean" if ok else "full"
-                decision.path_reason = (f"equal to the model's own logits within {rtol:g}" if ok else
-                                        f"differs from the model's own logits by {decision.path_diff:.1e} relative "
-                                        f"(more than {rtol:g})")
-            if path == "lean" and decision.path != "lean":
-                raise ValueError(f"train.logps_path: lean, but for model type '{family}' the lean log-probs "
-                                 f"{decision.path_reason}; set train.logps_path: auto or full")
+            full, lean = check_lean_path(model, probe, hf_model, decision, path=path, family=family, rtol=rtol,
+                                         packing=packing, chunk_size=chunk_size, chunk_mb=chunk_mb)
             naive = decision.path == "full"
             if prefix_sharing is False:
                 decision.sharing, decision.sharing_reason = False, "off in the recipe"
@@ -728,55 +857,9 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
             elif not has_pairs:
                 decision.sharing, decision.sharing_reason = static_sharing, "no rejected rows in the probe to check"
             else:
-                stacked = full if naive else lean
-
-                def attempt(pack: bool) -> tuple[bool, str]:
-                    try:
-                        shared = concatenated_logps(model, probe, chunk_size=chunk_size, chunk_mb=chunk_mb, naive=naive,
-                                                    prefix_sharing=True, pack_pairs=pack)
-                        decision.sharing_diff = relative_difference(shared, stacked)
-                        ok = decision.sharing_diff <= rtol
-                        reason = (f"the shared layout differs from stacked rows by {decision.sharing_diff:.1e} "
-                                  f"relative (the family's attention does not follow the "
-                                  f"{'per-pair attention' if pack else '4D mask'} or position ids)")
-                    except Exception as e:  # e.g. ALiBi built from a 2D mask
-                        ok, reason = False, (f"the family's forward refuses "
-                                             f"{'the packed pairs' if pack else 'a 4D mask'} ({type(e).__name__}: {str(e)[:120]})")
-                    return _agree_across_processes(ok), reason
-
-                impl = getattr(config, "_attn_implementation", None)
-                ok, reason = False, "not tried"
-                if pack_pairs is not False and impl in ("sdpa", PAIR_ATTENTION):  # fastest first: no padding, no mask
-                    ok, reason = attempt(True)
-                    decision.pack_pairs = ok
-                    if not ok:
-                        config._attn_implementation = impl  # back to what the model had
-                elif pack_pairs is True:
-                    raise ValueError(f"train.pack_pairs: true runs on SDPA attention; model type '{family}' uses "
-                                     f"'{impl}'; set train.pack_pairs: null or false")
-                if not ok and pack_pairs is not True:
-                    ok, reason = attempt(False)
-                    decision.pack_pairs = False
-                decision.sharing = ok
-                windows = attention_windows(config)
-                sliding = {t: w for t, w in windows.items() if w is not None}
-                if ok and decision.pack_pairs:
-                    from dpo_accel.model.attention import flex_available
-
-                    kernel = "FlexAttention block mask" if flex_available(probe["chosen_input_ids"].device) else \
-                        "SDPA per pair, no mask over the row"
-                    decision.layout_text = f"pairs packed into one row ({kernel})"
-                elif ok:
-                    decision.layout_text = "one padded row per pair (4D mask)"
-                decision.sharing_reason = (("exact" + (f", sliding window {', '.join(str(w) for w in sliding.values())} "
-                                                       f"in its own-row positions" if sliding else ""))
-                                           if ok else reason)
-                if pack_pairs is True and not decision.pack_pairs:
-                    raise ValueError(f"train.pack_pairs: true, but for model type '{family}' {reason}; "
-                                     f"set train.pack_pairs: null or false")
-                if prefix_sharing is True and not ok:
-                    raise ValueError(f"train.prefix_sharing: true, but for model type '{family}' {reason}; "
-                                     f"set train.prefix_sharing: null or false")
+                choose_shared_layout(model, probe, decision, full if naive else lean, config, naive=naive,
+                                     rtol=rtol, family=family, prefix_sharing=prefix_sharing,
+                                     pack_pairs=pack_pairs, chunk_size=chunk_size, chunk_mb=chunk_mb)
     finally:
         model.train(was_training)
     return decision
