@@ -172,6 +172,7 @@ def no_weights(monkeypatch):
     return loads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(case, world, tmp_path, capsys, no_weights):
     name, sets, flags, expected, about = case

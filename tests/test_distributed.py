@@ -181,6 +181,7 @@ def test_fsdp2_two_ranks_x2_equal_one_rank_x4(variant, request, tiny_model_dir, 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,variant", [("deepspeed_zero2.yaml", "full"), ("deepspeed_zero3.yaml", "full"),
                                             ("deepspeed_zero3.yaml", "lora")])
+@pytest.mark.slow
 def test_deepspeed_two_ranks_x2_equal_one_rank_x4(config, variant, request, tiny_model_dir, tmp_path):
     """The shipped ZeRO configs on 2 CPU gloo ranks, where the deepspeed package is installed (CI has
     none: there the configs are only validated, below). ZeRO-2 keeps a replica reference, ZeRO-3 shards

@@ -357,6 +357,7 @@ def metric_rows(out: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type, extra", [("gpt_neox", {"rotary_pct": 0.25}),
                                                ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})])
+@pytest.mark.slow
 def test_lora_run_through_accelerate_launch(model_type, extra, smol_dir, tmp_path):
     """LoRA DPO of a tiny GPT-NeoX / Mixtral with the main job's recipe: the lean path and prefix sharing
     settle at start-up, metrics are written, the merged model loads with from_pretrained."""

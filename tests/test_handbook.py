@@ -170,6 +170,7 @@ def _run(tiny_model_dir, tmp_path, name):
     return train.run(recipe), out
 
 
+@pytest.mark.slow
 def test_handbook_dpo_recipe_runs_end_to_end(tiny_model_dir, tmp_path):
     summary, out = _run(tiny_model_dir, tmp_path, "dpo")
     assert summary["global_step"] == 45  # 360 training rows / (4 x 2)
@@ -179,6 +180,7 @@ def test_handbook_dpo_recipe_runs_end_to_end(tiny_model_dir, tmp_path):
     assert math.isfinite(summary["eval"]["eval/loss"]) and os.path.isdir(os.path.join(out, "adapter"))
 
 
+@pytest.mark.slow
 def test_handbook_orpo_recipe_runs_end_to_end(tiny_model_dir, tmp_path):
     summary, out = _run(tiny_model_dir, tmp_path, "orpo")
     assert summary["global_step"] == 45

@@ -164,6 +164,7 @@ def reference_builds(monkeypatch) -> dict:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_objective_learns_end_to_end(case, small_model_dir, tmp_path, reference_builds):
     overrides, with_reference = CASES[case]

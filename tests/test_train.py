@@ -121,6 +121,7 @@ def test_adapter_off_reference_equals_frozen_copy_at_init(tiny_model_dir):
     assert not torch.allclose(on, a["chosen_logps"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_matches_copy_and_is_cached(tiny_model_dir, tmp_path, capsys):
     def first_loss(mode, name):
         reset_accelerate()
@@ -219,6 +220,7 @@ def poison_steps(monkeypatch, steps: set):
     poison_objective(monkeypatch, offline, steps)
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_and_logged_as_strict_json(tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
