@@ -1,4 +1,4 @@
-"""Print the README's table of loss objectives, generated from the registry in dpo_accel/losses.py.
+"""Print the README's table of loss objectives, generated from the registry in dpo_accel/objectives/registry.py.
 
     python scripts/loss_table.py            # markdown to stdout
     python scripts/loss_table.py --check README.md   # exit 1 if README.md lacks the current table

@@ -3,7 +3,7 @@
     python scripts/make_arith_chat_dataset.py --out data/arith_chat
 
 Rows are {"chosen": [user, assistant], "rejected": [user, assistant]} (the prompt is their shared
-first message), drawn like data/arith_prefs (dpo_accel/arith_task.py) with another seed and with no
+first message), drawn like data/arith_prefs (dpo_accel/data/tasks/arith.py) with another seed and with no
 operand pair of data/arith_prefs' eval split, so a mixture of both keeps that held-out set unseen.
 Rerunning rewrites a byte-identical file (tests/test_mixture.py checks it).
 """

@@ -1,5 +1,5 @@
-"""Write a shipped preference task's dataset (deterministic): arith (dpo_accel/arith_task.py) or geo
-(dpo_accel/geo_task.py).
+"""Write a shipped preference task's dataset (deterministic): arith (dpo_accel/data/tasks/arith.py) or geo
+(dpo_accel/data/tasks/geo.py).
 
     python scripts/make_task_dataset.py --task arith --out data/arith_prefs
     python scripts/make_task_dataset.py --task geo --out data/geo_prefs

@@ -345,6 +345,34 @@ def test_two_machines_from_the_slurm_script_equal_one_process_lora(lora_baseline
 
 # --------------------------------------------------------------------- configs, through Accelerate
 
+ONLINE_SCORER = """
+def by_length(prompts, answers):
+    return [float(len(a)) for a in answers]
+"""
+
+
+@pytest.mark.slow
+def test_online_generation_under_fsdp2_gathers_the_sharded_policy(tiny_model_dir, tmp_path):
+    """Online DPO under FSDP2 on 2 gloo ranks (full fine-tuning, every weight sharded): each rank's prompts are
+    answered by the gathered policy (a sharded forward needs every rank, and ranks decode different lengths), so
+    the run takes its steps, counts every prompt of both ranks, evaluates every step and finishes."""
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(ONLINE_SCORER)
+    out = str(tmp_path / "run")
+    run = launch(tiny_model_dir, out, 2, 2,
+                 ["--config_file", os.path.join(CONFIGS, "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision",
+                  "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())],
+                 script=os.path.abspath(__file__), **{
+                     "train.online_generations": 2, "train.online_verifier": f"{scorer}:by_length",
+                     "train.online_max_new_tokens": 6, "train.max_steps": 2, "train.eval_steps": 1})
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    online = [r for r in rows if "online/prompts" in r]
+    assert [r["step"] for r in online] == [1, 2] and all(r["online/prompts"] == 4 for r in online)
+    assert [r["step"] for r in rows if "eval/loss" in r] == [1, 2]  # eval_steps 1, and the final evaluation
+    assert run["eval"]["eval/loss"] > 0
+
+
 def launcher_args(config: str, *extra: str):
     """The launch arguments `accelerate launch --config_file config` resolves (config merged in)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser

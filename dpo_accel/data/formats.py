@@ -23,9 +23,9 @@ string or a list of ``{"role", "content"}`` messages and the answers are of the 
                   prompt + completion, or prompt + chosen
   unpaired        prompt, completion, label (true: desirable, false: undesirable), text or messages
                   (TRL's unpaired preference format, for KTO): rows of prompt, chosen (the completion),
-                  label; dpo_accel/kto.py adds each row's mismatched completion as ``rejected``
+                  label; dpo_accel/data/unpaired.py adds each row's mismatched completion as ``rejected``
 
-Mixtures (``data.dataset_mixture``, the alignment-handbook's block; schema in dpo_accel/mixture.py):
+Mixtures (``data.dataset_mixture``, the alignment-handbook's block; schema in dpo_accel/config/mixture.py):
 each source is loaded and normalised with its own format, subsampled (``weight``: a seeded fraction,
 as the handbook; ``rows``: a count), mixed in a seeded order and carved (``test_split_size``). Where
 some sources give text and others messages, single-turn conversations become strings (the same

@@ -27,7 +27,7 @@ _HELPER_COLUMNS = ("_status", "_raw_length", "chosen_length", "rejected_length")
 
 # ---------------------------------------------------------------------------------- tokenising
 
-def auto_bos(tokenizer) -> Optional[int]:
+def prepended_bos(tokenizer) -> Optional[int]:
     """The BOS id when the tokenizer prepends it to plain text by itself (Llama-style), else None."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -44,7 +44,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return content_hash(type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
                  hashlib.sha256(body.encode()).hexdigest(), getattr(tokenizer, "chat_template", None),
-                 tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id, auto_bos(tokenizer))
+                 tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id, prepended_bos(tokenizer))
 
 
 def _as_messages(prompt, tokenizer) -> Optional[list]:
@@ -72,7 +72,7 @@ def prompt_input_ids(tokenizer, prompt) -> list:
     messages = _as_messages(prompt, tokenizer)
     if messages is not None:
         return _render(tokenizer, messages, add_generation_prompt=True)
-    bos = auto_bos(tokenizer)
+    bos = prepended_bos(tokenizer)
     ids = _encode_text(tokenizer, prompt)
     return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
 
@@ -83,7 +83,7 @@ def encode_example(tokenizer, prompt, answers: list, where: str = "a row", auto_
     Chat template: the answer is the template of prompt+answer minus the template of the prompt with
     add_generation_prompt=True; the prompt's ids must be a prefix of the full ids (DataError
     otherwise), and whatever follows the answer's last EOS is cut. Raw text: prompt ids (+ BOS) and
-    answer ids + EOS. `where` names the row in errors; `auto_bos`: precomputed `auto_bos(tokenizer)`
+    answer ids + EOS. `where` names the row in errors; `auto_bos`: precomputed `prepended_bos(tokenizer)`
     (-1: compute it).
     """
     eos = tokenizer.eos_token_id
@@ -106,7 +106,7 @@ def encode_example(tokenizer, prompt, answers: list, where: str = "a row", auto_
             ends = [j for j, t in enumerate(ids) if t == eos]
             out.append(ids[:ends[-1] + 1] if ends else ids + [eos])
         return prompt_ids, out
-    bos = auto_bos(tokenizer) if auto_bos == -1 else auto_bos
+    bos = prepended_bos(tokenizer) if auto_bos == -1 else auto_bos
     prompt_ids = _encode_text(tokenizer, prompt)
     if bos is not None and prompt_ids[:1] != [bos]:
         prompt_ids = [bos] + prompt_ids
@@ -200,7 +200,7 @@ def tokenize_splits(splits, tokenizer, cfg: DataConfig) -> tuple:
 
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set model.tokenizer_name_or_path to one that does")
-    tok = (tokenizer, tokenizer_fingerprint(tokenizer), auto_bos(tokenizer))
+    tok = (tokenizer, tokenizer_fingerprint(tokenizer), prepended_bos(tokenizer))
     if isinstance(splits, MixtureDict):
         return _tokenize_mixture(splits, tok, cfg)
     out, stats = {}, {}

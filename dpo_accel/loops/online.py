@@ -30,7 +30,7 @@ from dpo_accel.config.plan import Plan
 from dpo_accel.data.collate import PreferenceCollator
 from dpo_accel.data.formats import load_preference_splits
 from dpo_accel.data.generated import build_pairs, prompt_order
-from dpo_accel.data.tokenize import auto_bos, keep_row, tokenize_row
+from dpo_accel.data.tokenize import keep_row, prepended_bos, tokenize_row
 from dpo_accel.evaluation.generation import generate_on_every_process
 from dpo_accel.evaluation.metrics import example_metrics, token_counts
 from dpo_accel.evaluation.verifiers import answer_scorer
@@ -48,7 +48,7 @@ class OnlineKind:
         recipe, self.run = run.plan.recipe, run
         self.prompts_all = load_preference_splits(recipe.data, recipe.train.seed)["train"]["prompt"]
         self.score = answer_scorer(recipe.train, run.accelerator.device)
-        self.collator, self.auto_bos = PreferenceCollator(run.tokenizer.pad_token_id), auto_bos(run.tokenizer)
+        self.collator, self.auto_bos = PreferenceCollator(run.tokenizer.pad_token_id), prepended_bos(run.tokenizer)
         self.window = Window()
 
     def batches(self, engine):

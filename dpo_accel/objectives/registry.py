@@ -101,7 +101,7 @@ class LossSpec:
     ``needs_rejected`` is False for objectives that read only the chosen answer (SFT), which therefore also
     run on sft-format data that has no rejected answers. ``unpaired`` objectives (KTO) train on labelled
     single completions (``Pair.desirable``) and run alone; ``reward_model`` objectives (Bradley-Terry) train a
-    sequence classifier whose scalar outputs stand in for the log-probs (dpo_accel/reward.py), alone too.
+    sequence classifier whose scalar outputs stand in for the log-probs (dpo_accel/loops/reward.py), alone too.
     """
 
     name: str
@@ -432,7 +432,7 @@ def kto(p: Pair, hp: Any) -> Terms:
     """
     if p.desirable is None:
         raise ValueError("loss_type 'kto' needs each row's label (policy['desirable']); train on unpaired rows "
-                         "(data.format: unpaired) or a preference set, which dpo_accel/kto.py splits into them")
+                         "(data.format: unpaired) or a preference set, which dpo_accel/data/unpaired.py splits into them")
     z = kl_reference_point(p.rejected, p.ref_rejected) if p.kl is None else p.kl.detach()
     z = z.to(p.chosen.dtype)
     c = p.chosen_logratio
@@ -583,7 +583,7 @@ class LossPlan:
     needs_rejected: bool
     wpo: bool
     unpaired: bool = False  # KTO: labelled single completions (the loop adds labels and the gathered KL)
-    reward_model: bool = False  # bradley_terry: the run trains a sequence classifier (dpo_accel/reward.py)
+    reward_model: bool = False  # bradley_terry: the run trains a sequence classifier (dpo_accel/loops/reward.py)
 
 
 def plan_loss(cfg: Any) -> LossPlan:

@@ -1,0 +1,116 @@
+"""The step engine (dpo_accel/loops/engine.py) serves every way of training: each loop kind honours the
+``train.*`` keys the engine owns, and a combination a loop kind cannot honour is refused before any compute."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import build_small_vocab_model, tiny_overrides
+from dpo_accel import train
+from dpo_accel.config.load import load_recipe
+from dpo_accel.config.plan import preflight
+
+SCORER = '''
+def by_length(prompts, answers):
+    return [float(len(a)) for a in answers]
+'''
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> str:
+    return build_small_vocab_model(str(tmp_path_factory.mktemp("small") / "model"))
+
+
+def kind_overrides(kind: str, model_dir: str, out: str, folder) -> list[str]:
+    extra = {"train.max_steps": 4, "train.eval_steps": 2, "train.report_to": [], "train.export_merged": False}
+    if kind == "reward":
+        extra.update({"loss.loss_type": "bradley_terry", "lora.use_peft": True, "train.per_device_train_batch_size": 2})
+    if kind == "online":
+        (folder / "scorer.py").write_text(SCORER)
+        extra.update({"train.online_generations": 2, "train.online_verifier": f"{folder / 'scorer.py'}:by_length",
+                      "train.online_max_new_tokens": 6, "train.per_device_train_batch_size": 2})
+    return tiny_overrides(model_dir, out, **extra)
+
+
+@pytest.mark.parametrize("kind", ["offline", "reward", "online"])
+def test_every_loop_kind_evaluates_every_eval_steps_and_logs_its_steps(kind, small_model, tmp_path):
+    out = str(tmp_path / "run")
+    summary = train.run(load_recipe(None, kind_overrides(kind, small_model, out, tmp_path)))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "grad_norm" in r] == [1, 2, 3, 4]  # logging_steps 1
+    evaluated = [r["step"] for r in rows if "eval/loss" in r]
+    assert evaluated[-2:] == [2, 4]  # every 2 steps, then the final evaluation at the last step
+    assert summary["global_step"] == 4 and summary["eval"]["eval/loss"] > 0
+
+
+@pytest.mark.parametrize("sets,expected", [
+    (["train.online_generations=2", "train.online_verifier=arith", "loss.loss_type=kto", "data.format=unpaired"],
+     "loss_type kto trains on unpaired rows"),
+    (["train.online_generations=2", "train.online_verifier=arith", "loss.loss_type=bradley_terry"],
+     "loss_type bradley_terry trains a reward model"),
+    (["loss.loss_type=bradley_terry", "train.padding_free=true"], "train.padding_free is True, which a reward model"),
+    (["loss.loss_type=bradley_terry", "train.prefix_sharing=true"], "train.prefix_sharing is True"),
+    (["loss.loss_type=bradley_terry", "train.logps_path=lean"], "train.logps_path is 'lean'"),
+    (["loss.loss_type=bradley_terry", "eval.generation_prompts=4"], "a reward model (loss_type bradley_terry) does "
+                                                                     "not generate"),
+    (["loss.loss_type=bradley_terry", "data.format=sft"], "trains on pairs"),
+])
+def test_a_combination_a_loop_kind_cannot_honour_is_one_line_and_exit_2(sets, expected, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--set", "model.model_name_or_path=unused", "--set", f"train.output_dir={out}"]
+    for s in sets:
+        args += ["--set", s]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists()  # nothing written before the refusal
+
+
+def test_reward_pairs_follow_the_truncation_settings(small_model):
+    """A pair longer than data.max_length is cut as policy pairs are: the prompt to max_prompt_length from the
+    side truncation_mode keeps, then the answers; a pair that fits is the text the judge scores, untouched."""
+    from transformers import AutoTokenizer
+
+    from dpo_accel.config.schema import DataConfig
+    from dpo_accel.evaluation.judge import render, render_prompt
+    from dpo_accel.loops.reward import tokenize_pairs
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+    long_prompt = " ".join(f"{i} + {i} = ?" for i in range(60))
+    rows = [{"prompt": long_prompt, "chosen": "1 + 1 = 2.", "rejected": "no"},
+            {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5"}]
+    whole = tok(render(tok, long_prompt, "1 + 1 = 2."), add_special_tokens=False)["input_ids"]
+    for mode in ("keep_end", "keep_start"):
+        d = DataConfig(max_length=48, max_prompt_length=32, truncation_mode=mode)
+        cut, short = tokenize_pairs(rows, tok, d)
+        assert len(cut["chosen"]) <= 48 and len(cut["rejected"]) <= 48
+        answer = len(whole) - len(tok(render_prompt(tok, long_prompt), add_special_tokens=False)["input_ids"])
+        assert len(cut["chosen"]) == 32 + answer  # the prompt cut to max_prompt_length, the answer whole
+        text = tok.decode(cut["chosen"])
+        assert ("59 + 59" in text) == (mode == "keep_end") and ("0 + 0" in text) == (mode == "keep_start")
+        assert "1 + 1 = 2." in text  # the answer survives: the prompt is cut first
+        assert short["chosen"] == tok(render(tok, rows[1]["prompt"], "2 + 2 = 4."), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_reward_batches_follow_group_by_length(group, small_model, tmp_path):
+    from dpo_accel.data.collate import EpochRandomSampler, LengthGroupedSampler
+    from dpo_accel.loops.reward import reward_loaders
+
+    plan = preflight(load_recipe(None, tiny_overrides(small_model, str(tmp_path / "run"), **{
+        "loss.loss_type": "bradley_terry", "data.group_by_length": group})))
+    splits = {"train": [{"chosen": [1] * n, "rejected": [2] * (n % 5 + 1), "margin": 0.0, "idx": n}
+                        for n in range(1, 41)]}
+
+    class Pad:
+        pad_token_id = 0
+
+    _, _, sampler = reward_loaders(plan, splits, Pad())
+    assert isinstance(sampler, LengthGroupedSampler if group else EpochRandomSampler)
+    if group:
+        order = list(sampler)
+        first = [max(len(splits["train"][i]["chosen"]), 1) for i in order[:4]]
+        assert max(first) == 40  # the longest pair leads, so an out-of-memory error shows at step one
