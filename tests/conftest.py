@@ -1,10 +1,19 @@
 """Shared fixtures: the real SmolLM2 tokenizer (offline GGUF), a tiny random Llama built from a
-config, recipes pointed at them, and a clean Accelerate state for every in-process run."""
+config, recipes pointed at them, and a clean Accelerate state for every in-process run.
+
+Also the one home of the helpers several test modules use (end of file): a test module imports them with
+``from conftest import ...`` and never imports from another test module."""
 from __future__ import annotations
 
+import glob
+import json
 import os
+import shutil
+import socket
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # GGUF conversions are cached inside the checkout (ignored by git), fresh on every CI clone.
@@ -90,3 +99,167 @@ def poison_objective(monkeypatch, module, steps: set) -> None:
         return out
 
     monkeypatch.setattr(module, "compute_objective", objective)
+
+
+# ------------------------------------------------------------ helpers shared by several test modules
+# Test modules import these from here (`from conftest import ...`), never from one another.
+
+# Small-vocabulary model (tests/test_objectives_e2e.py and the runs that reuse its tiny model).
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_small_vocab_model(path: str, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 2) -> str:
+    """A random tiny Llama plus a byte-level BPE tokenizer trained on data/arith_prefs (eos <|im_end|>,
+    pad = eos, ChatML template, like SmolLM2's), saved to ``path`` for ``model.model_name_or_path``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = ["user", "assistant", "system"]
+    for name in sorted(glob.glob(os.path.join(REPO, "data", "arith_prefs", "*.jsonl"))):
+        with open(name) as f:
+            for line in f:
+                row = json.loads(line)
+                texts += [row["prompt"], row["chosen"], row["rejected"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Multi-process launches (tests/test_distributed.py, tests/test_kto.py).
+
+CONFIGS = os.path.join(REPO, "accelerate_configs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Resume (tests/test_resume.py, tests/test_online.py, tests/test_reward_model.py).
+
+def stop_after(out: str, step: int) -> None:
+    """As if killed after the checkpoint of `step`: later checkpoints and the finished outputs gone."""
+    root = os.path.join(out, "checkpoints")
+    for name in os.listdir(root):
+        if int(name.split("-")[1]) > step:
+            shutil.rmtree(os.path.join(root, name))
+    for name in ("model", "adapter", "summary.json"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+# Log-probs against naive references (tests/test_logps.py, tests/test_packed_sharing.py).
+
+VOCAB = 320
+EOS = 2
+ATOL = 1e-5
+
+
+def tiny_llama(attn="sdpa", tied=False, seed=0) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                         tie_word_embeddings=tied, attention_dropout=0.0, pad_token_id=0, eos_token_id=EOS)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper logits than the 0.02-std init, so mistakes show in the log-probs
+        model.lm_head.weight.normal_(0, 0.3)
+    return model.train()
+
+
+def weighted_loss(out):
+    """A scalar that weighs every sequence differently, so a log-prob scattered to the wrong row shows."""
+    wc = torch.linspace(0.5, 1.5, out["chosen_logps"].numel())
+    wr = torch.linspace(-1.3, 0.7, out["rejected_logps"].numel())
+    return (wc * out["chosen_logps"]).sum() + (wr * out["rejected_logps"]).sum()
+
+
+def grads_of(model, out):
+    model.zero_grad(set_to_none=True)
+    weighted_loss(out).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_grads_within(grads, reference, rtol):
+    """Each gradient within `rtol` of its reference tensor's largest entry (an absolute bound per tensor)."""
+    for name in reference:
+        scale = float(reference[name].abs().max())
+        torch.testing.assert_close(grads[name], reference[name], atol=rtol * scale, rtol=0,
+                                   msg=lambda m: f"{grads[name].dtype} {name}: {m}")
+
+
+def lora_model(tied=False):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")  # random B: the adapters change the output
+    return get_peft_model(tiny_llama(tied=tied), cfg)
+
+
+def shared_prompt_batch(pad_c=0, pad_r=5) -> dict:
+    """Pairs whose rows share a prompt, as real preference data does, plus the corner cases: answers that
+    start with the same tokens (the common prefix reaches into the labels), a chosen row that is a prefix
+    of its rejected row, a pair with nothing in common, and rows of different padded widths."""
+    from benchmarks.pair_batches import shared_prompt_batch as batch
+
+    return batch(VOCAB, pad_c=pad_c, pad_r=pad_r)
+
+
+def separate_reference(model, batch):
+    """Each side through the model on its own (full logits, the model's dtype kept: float64 models give an
+    exact reference): the independent reference."""
+    out = {}
+    for s in ("chosen", "rejected"):
+        ids, mask, labels = (batch[f"{s}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], dim=-1)
+        target = labels[:, 1:]
+        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out[f"{s}_logps"] = (tok * (target != -100)).sum(-1)
+    return out
+
+
+# Run outputs (tests/test_judge.py, tests/test_plots.py, tests/test_run_outputs.py).
+
+def make_reward_model(tokenizer_dir: str, path: str) -> str:
+    """A tiny LlamaForSequenceClassification (one label, random weights) with the SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def curves_of(png: str) -> list[str]:
+    from PIL import Image
+
+    with Image.open(png) as image:
+        image.verify()  # raises on a truncated or corrupt PNG
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+        return image.text["Curves"].split("; ")

@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import CONFIGS, REPO, free_port, reset_accelerate, tiny_overrides
 
-CONFIGS = os.path.join(REPO, "accelerate_configs")
 TRAIN = os.path.join(REPO, "dpo_accel", "train.py")
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected", "grad_norm", "learning_rate")
@@ -60,12 +58,6 @@ def run_here(model_dir: str, out: str, per_device: int, **extra) -> dict:
     finally:
         reset_accelerate()
     return read_run(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

@@ -34,7 +34,7 @@ STEP_KEYS = ("loss", "grad_norm", "learning_rate", "rewards/margins")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from test_objectives_e2e import build_small_vocab_model
+    from conftest import build_small_vocab_model
 
     root = tmp_path_factory.mktemp("iterative")
     (root / "scripted.py").write_text(SCORER)

@@ -4,22 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_reward_model
 from dpo_accel.evaluation import judge
 from dpo_accel.config.errors import RecipeError
-
-
-def make_reward_model(tokenizer_dir: str, path: str) -> str:
-    """A tiny LlamaForSequenceClassification (one label, random weights) with the SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def write_unpaired(folder: str) -> str:
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory) -> str:
-    from test_objectives_e2e import build_small_vocab_model
+    from conftest import build_small_vocab_model
 
     return build_small_vocab_model(str(tmp_path_factory.mktemp("kto_small_vocab")))
 
@@ -200,7 +200,7 @@ def test_two_ranks_equal_one_rank_with_the_reference_point_gathered(small_model_
         with open(os.path.join(out, "metrics.jsonl")) as f:
             return [r for r in map(json.loads, f) if "loss" in r]
 
-    from test_distributed import CONFIGS, free_port
+    from conftest import CONFIGS, free_port
 
     one = run(str(tmp_path / "one"), 4, ["--config_file", os.path.join(CONFIGS, "cpu_single.yaml")])
     two = run(str(tmp_path / "two"), 2, ["--config_file", os.path.join(CONFIGS, "cpu_two_process.yaml"),

@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import (ATOL, EOS, VOCAB, assert_grads_within, grads_of, lora_model, separate_reference,
+                      shared_prompt_batch, tiny_llama, weighted_loss)
 from dpo_accel.model.logps import PreferenceLogpsModel, concatenated_forward, concatenated_inputs, concatenated_logps
-
-VOCAB = 320
-EOS = 2
-ATOL = 1e-5
-
-
-def tiny_llama(attn="sdpa", tied=False, seed=0) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-                         tie_word_embeddings=tied, attention_dropout=0.0, pad_token_id=0, eos_token_id=EOS)
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # sharper logits than the 0.02-std init, so mistakes show in the log-probs
-        model.lm_head.weight.normal_(0, 0.3)
-    return model.train()
 
 
 def side(B, T, seed, pad_id=0):
@@ -65,31 +51,10 @@ def naive_side(model, ids, mask, labels):
     return (tok * keep).sum(-1), count, (adjusted * keep).sum(-1) / count
 
 
-def weighted_loss(out):
-    """A scalar that weighs every sequence differently, so a log-prob scattered to the wrong row shows."""
-    wc = torch.linspace(0.5, 1.5, out["chosen_logps"].numel())
-    wr = torch.linspace(-1.3, 0.7, out["rejected_logps"].numel())
-    return (wc * out["chosen_logps"]).sum() + (wr * out["rejected_logps"]).sum()
-
-
-def grads_of(model, out):
-    model.zero_grad(set_to_none=True)
-    weighted_loss(out).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def assert_same_grads(a, b):
     assert a.keys() == b.keys() and a
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=ATOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-def assert_grads_within(grads, reference, rtol):
-    """Each gradient within `rtol` of its reference tensor's largest entry (an absolute bound per tensor)."""
-    for name in reference:
-        scale = float(reference[name].abs().max())
-        torch.testing.assert_close(grads[name], reference[name], atol=rtol * scale, rtol=0,
-                                   msg=lambda m: f"{grads[name].dtype} {name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -117,14 +82,6 @@ def test_concatenated_forward_equals_separate_forwards(naive):
     torch.testing.assert_close(c_avg, c_sum / c_n, atol=ATOL, rtol=0)
     torch.testing.assert_close(r_avg, r_sum / r_n, atol=ATOL, rtol=0)
     assert not torch.allclose(c_avg, chosen)  # the counts are > 1: mean and sum really differ
-
-
-def lora_model(tied=False):
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")  # random B: the adapters change the output
-    return get_peft_model(tiny_llama(tied=tied), cfg)
 
 
 @pytest.mark.parametrize("kind", ["full", "tied", "lora"])
@@ -344,28 +301,6 @@ def test_rows_without_labels_give_zero(naive):
 
 
 # ----------------------------------------------------------------------------------- prefix sharing
-
-def shared_prompt_batch(pad_c=0, pad_r=5) -> dict:
-    """Pairs whose rows share a prompt, as real preference data does, plus the corner cases: answers that
-    start with the same tokens (the common prefix reaches into the labels), a chosen row that is a prefix
-    of its rejected row, a pair with nothing in common, and rows of different padded widths."""
-    from benchmarks.pair_batches import shared_prompt_batch as batch
-
-    return batch(VOCAB, pad_c=pad_c, pad_r=pad_r)
-
-
-def separate_reference(model, batch):
-    """Each side through the model on its own (full logits, the model's dtype kept: float64 models give an
-    exact reference): the independent reference."""
-    out = {}
-    for s in ("chosen", "rejected"):
-        ids, mask, labels = (batch[f"{s}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], dim=-1)
-        target = labels[:, 1:]
-        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out[f"{s}_logps"] = (tok * (target != -100)).sum(-1)
-    return out
-
 
 @pytest.mark.parametrize("attn, naive, kind", [("sdpa", False, "full"), ("eager", False, "full"),
                                                ("sdpa", True, "full"), ("sdpa", False, "lora")])

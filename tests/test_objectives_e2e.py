@@ -18,7 +18,6 @@ keeps each run at ~3 s on two cores, so all 24 cases together stay near a minute
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -26,45 +25,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, build_small_vocab_model, tiny_overrides
 from dpo_accel import train
 from dpo_accel.objectives.registry import LOSSES
 from dpo_accel.config.load import load_recipe
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_small_vocab_model(path: str, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 2) -> str:
-    """A random tiny Llama plus a byte-level BPE tokenizer trained on data/arith_prefs (eos <|im_end|>,
-    pad = eos, ChatML template, like SmolLM2's), saved to ``path`` for ``model.model_name_or_path``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    texts = ["user", "assistant", "system"]
-    for name in sorted(glob.glob(os.path.join(REPO, "data", "arith_prefs", "*.jsonl"))):
-        with open(name) as f:
-            for line in f:
-                row = json.loads(line)
-                texts += [row["prompt"], row["chosen"], row["rejected"]]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def by_length(prompts, answers):
 
 
 def test_online_run_generates_scores_pairs_and_steps(tmp_path):
-    from test_objectives_e2e import build_small_vocab_model
+    from conftest import build_small_vocab_model
 
     from dpo_accel import train
 
@@ -91,8 +91,7 @@ def online_sets(model_dir: str, out: str, scorer: str, **extra) -> list[str]:
 def test_online_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
     """Killed after step 2's checkpoint, resumed: the same prompts, samples, pairs, losses and final weights."""
     from safetensors.torch import load_file
-    from test_objectives_e2e import build_small_vocab_model
-    from test_resume import stop_after
+    from conftest import build_small_vocab_model, stop_after
 
     from dpo_accel import train
 
@@ -125,7 +124,7 @@ def test_online_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
 def test_online_on_two_gloo_ranks_counts_every_prompt(tmp_path):
     """2 processes x 2 prompts: each answers its own prompts; a process that never has a pair still joins
     each step (no hang); the logged counts are the sums over both (4 prompts a step, rank 1's 2 skipped)."""
-    from test_objectives_e2e import build_small_vocab_model
+    from conftest import build_small_vocab_model
 
     model_dir = build_small_vocab_model(str(tmp_path / "model"))
     # Rank 1's answers all tie: it never has a pair and must still join every step's all-reduce.
@@ -152,7 +151,7 @@ def test_online_on_two_gloo_ranks_counts_every_prompt(tmp_path):
 def test_online_non_finite_step_is_skipped_and_weights_stay_finite(tmp_path, monkeypatch):
     """A NaN loss at step 2 (a poisoned objective): the step is skipped, the run goes on, no NaN weight."""
     from safetensors.torch import load_file
-    from test_objectives_e2e import build_small_vocab_model
+    from conftest import build_small_vocab_model
 
     from dpo_accel import train
     from dpo_accel.loops import online

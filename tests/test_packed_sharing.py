@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_logps import (ATOL, VOCAB, assert_grads_within, grads_of, lora_model, separate_reference, shared_prompt_batch,
-                        tiny_llama)
 
+from conftest import (ATOL, VOCAB, assert_grads_within, grads_of, lora_model, separate_reference, shared_prompt_batch,
+                      tiny_llama)
 from dpo_accel.model.attention import PAIR_ATTENTION, PairSegments
 from dpo_accel.model.logps import (PreferenceLogpsModel, _pair_packed_inputs, concatenated_inputs,
                                    concatenated_logps, decision_line, processed_tokens, settle_logps_path)

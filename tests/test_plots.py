@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import curves_of
 from dpo_accel.evaluation import plots
 
 
@@ -24,16 +25,6 @@ def write_run(path, eval_steps=(2, 4), with_rewards=True):
             rows.append({"step": step, "eval/loss": 0.6, "eval/rewards/accuracies": 0.6, "eval/rewards/margins": 0.3})
     path.mkdir(parents=True, exist_ok=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def curves_of(png: str) -> list[str]:
-    from PIL import Image
-
-    with Image.open(png) as image:
-        image.verify()  # raises on a truncated or corrupt PNG
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
-        return image.text["Curves"].split("; ")
 
 
 def test_plot_run_writes_pngs_with_every_logged_curve(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import REPO, reset_accelerate, stop_after, tiny_overrides
 from dpo_accel import train
 from dpo_accel.config.load import load_recipe
 
@@ -30,20 +30,6 @@ def final_weights(out: str) -> dict:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(out, "model", "model.safetensors"))
-
-
-def stop_after(out: str, step: int) -> None:
-    """As if killed after the checkpoint of `step`: later checkpoints and the finished outputs gone."""
-    root = os.path.join(out, "checkpoints")
-    for name in os.listdir(root):
-        if int(name.split("-")[1]) > step:
-            shutil.rmtree(os.path.join(root, name))
-    for name in ("model", "adapter", "summary.json"):
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
 
 
 def assert_bitwise(straight_steps, straight_weights, out):

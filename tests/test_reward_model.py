@@ -19,7 +19,7 @@ from dpo_accel.config.load import load_recipe
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory) -> str:
-    from test_objectives_e2e import build_small_vocab_model
+    from conftest import build_small_vocab_model
 
     return build_small_vocab_model(str(tmp_path_factory.mktemp("rm_small_vocab")))
 
@@ -125,7 +125,7 @@ def test_reward_resume_from_a_checkpoint_equals_the_straight_run(small_model_dir
     """Killed after step 2's checkpoint, resumed: the same batches (mid-epoch skip, then epoch 1's order), per-step
     losses and accuracies, and bitwise the same exported weights. LoRA checkpoints hold the adapter and head only."""
     from safetensors.torch import load_file
-    from test_resume import stop_after
+    from conftest import stop_after
 
     out = str(tmp_path / "run")
     sets = rm_sets(small_model_dir, out, **{"lora.use_peft": lora})

@@ -11,12 +11,10 @@ import re
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import curves_of, make_reward_model, tiny_overrides
 from dpo_accel import train
 from dpo_accel.evaluation.judge import win_rate
 from dpo_accel.config.load import load_recipe
-from test_judge import make_reward_model
-from test_plots import curves_of
 
 
 def test_lora_run_writes_plots_cards_scores_and_verdict(tiny_model_dir, smol_dir, tmp_path):

@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from dpo_accel.loops.offline import progress_postfix
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import REPO, build_small_vocab_model, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.load import load_recipe
-from test_objectives_e2e import build_small_vocab_model
 
 SFT_RECIPE = os.path.join(REPO, "recipes", "smollm2_arith_sft.yaml")
 DPO_RECIPE = os.path.join(REPO, "recipes", "smollm2_arith_dpo_from_sft.yaml")
