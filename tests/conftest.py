@@ -263,3 +263,11 @@ def curves_of(png: str) -> list[str]:
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
         return image.text["Curves"].split("; ")
+
+
+def paired_steps(a: list, b: list) -> list:
+    """The logged rows of two runs side by side, once both are shown to have logged the same steps in the same
+    order (a plain zip of unequal lists would silently compare fewer rows)."""
+    steps_a, steps_b = [r["step"] for r in a], [r["step"] for r in b]
+    assert steps_a == steps_b, f"the two runs logged different steps: {steps_a} vs {steps_b}"
+    return list(zip(a, b))

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, free_port, reset_accelerate, tiny_overrides
+from conftest import CONFIGS, REPO, free_port, paired_steps, reset_accelerate, tiny_overrides
 
 TRAIN = os.path.join(REPO, "dpo_accel", "train.py")
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -90,7 +90,7 @@ def assert_same_run(a: dict, b: dict, rel: float, abs_: float, kinds: tuple = ("
     order into up to a fraction of one step (lr 1e-3); w_atol 1e-4 is a tenth of one step."""
     assert [r["step"] for r in a["steps"]] == [r["step"] for r in b["steps"]] == [1, 2, 3, 4]
     metric_rel = 0.0
-    for ra, rb in zip(a["steps"], b["steps"]):
+    for ra, rb in paired_steps(a["steps"], b["steps"]):
         for key in STEP_KEYS:
             assert rb[key] == pytest.approx(ra[key], rel=rel, abs=abs_), (ra["step"], key, ra[key], rb[key])
             metric_rel = max(metric_rel, abs(rb[key] - ra[key]) / max(abs(ra[key]), 1e-12))

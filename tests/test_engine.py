@@ -24,7 +24,8 @@ def small_model(tmp_path_factory) -> str:
 
 
 def kind_overrides(kind: str, model_dir: str, out: str, folder) -> list[str]:
-    extra = {"train.max_steps": 4, "train.eval_steps": 2, "train.report_to": [], "train.export_merged": False}
+    extra = {"train.max_steps": 4, "train.eval_steps": 2, "train.logging_steps": 2, "train.save_steps": 2,
+             "train.save_total_limit": 5, "train.report_to": [], "train.export_merged": False}
     if kind == "reward":
         extra.update({"loss.loss_type": "bradley_terry", "lora.use_peft": True, "train.per_device_train_batch_size": 2})
     if kind == "online":
@@ -35,12 +36,13 @@ def kind_overrides(kind: str, model_dir: str, out: str, folder) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["offline", "reward", "online"])
-def test_every_loop_kind_evaluates_every_eval_steps_and_logs_its_steps(kind, small_model, tmp_path):
+def test_every_loop_kind_logs_evaluates_and_checkpoints_on_the_engines_intervals(kind, small_model, tmp_path):
     out = str(tmp_path / "run")
     summary = train.run(load_recipe(None, kind_overrides(kind, small_model, out, tmp_path)))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows if "grad_norm" in r] == [1, 2, 3, 4]  # logging_steps 1
+    assert [r["step"] for r in rows if "grad_norm" in r] == [2, 4]  # logging_steps 2
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["checkpoint-0000002", "checkpoint-0000004"]
     evaluated = [r["step"] for r in rows if "eval/loss" in r]
     assert evaluated[-2:] == [2, 4]  # every 2 steps, then the final evaluation at the last step
     assert summary["global_step"] == 4 and summary["eval"]["eval/loss"] > 0
@@ -54,8 +56,7 @@ def test_every_loop_kind_evaluates_every_eval_steps_and_logs_its_steps(kind, sma
     (["loss.loss_type=bradley_terry", "train.padding_free=true"], "train.padding_free is True, which a reward model"),
     (["loss.loss_type=bradley_terry", "train.prefix_sharing=true"], "train.prefix_sharing is True"),
     (["loss.loss_type=bradley_terry", "train.logps_path=lean"], "train.logps_path is 'lean'"),
-    (["loss.loss_type=bradley_terry", "eval.generation_prompts=4"], "a reward model (loss_type bradley_terry) does "
-                                                                     "not generate"),
+    (["loss.loss_type=bradley_terry", "eval.generation_prompts=4"], "does not generate"),
     (["loss.loss_type=bradley_terry", "data.format=sft"], "trains on pairs"),
 ])
 def test_a_combination_a_loop_kind_cannot_honour_is_one_line_and_exit_2(sets, expected, tmp_path, capsys):
@@ -92,7 +93,8 @@ def test_reward_pairs_follow_the_truncation_settings(small_model):
         text = tok.decode(cut["chosen"])
         assert ("59 + 59" in text) == (mode == "keep_end") and ("0 + 0" in text) == (mode == "keep_start")
         assert "1 + 1 = 2." in text  # the answer survives: the prompt is cut first
-        assert short["chosen"] == tok(render(tok, rows[1]["prompt"], "2 + 2 = 4."), add_special_tokens=False)["input_ids"]
+        judged = tok(render(tok, rows[1]["prompt"], "2 + 2 = 4."), add_special_tokens=False)["input_ids"]
+        assert short["chosen"] == judged
 
 
 @pytest.mark.parametrize("group", [True, False])

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, tiny_overrides
+from conftest import REPO, paired_steps, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.loops import iterative
 from dpo_accel.config.errors import RecipeError
@@ -227,7 +227,7 @@ def test_resume_inside_a_round_equals_the_straight_run_and_reuses_its_pairs(worl
         reset_accelerate()
         resumed = steps(two)
         assert [r["step"] for r in resumed] == [1, 2, 3, 4], keep
-        for a, b in zip(straight["steps"][1], resumed):
+        for a, b in paired_steps(straight["steps"][1], resumed):
             for key in STEP_KEYS:
                 assert a[key] == b[key], (keep, a["step"], key)
         adapter = tensors(os.path.join(two, "adapter", "adapter_model.safetensors"))

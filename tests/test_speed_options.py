@@ -23,7 +23,7 @@ import yaml
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import reset_accelerate, tiny_overrides
+from conftest import paired_steps, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.model import speed
 from dpo_accel.model.logps import PreferenceLogpsModel
@@ -232,7 +232,7 @@ def run_loop(model_dir: str, out: str, **extra) -> list[dict]:
 
 def assert_same_run(a_dir: str, b_dir: str, a_rows: list[dict], b_rows: list[dict]) -> None:
     assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows] == [1, 2]
-    for a, b in zip(a_rows, b_rows):
+    for a, b in paired_steps(a_rows, b_rows):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
     a_w, b_w = adapter_weights(a_dir), adapter_weights(b_dir)

@@ -1,16 +1,17 @@
 """Preflight: a recipe resolved into a plan before anything heavy, so the run reads facts, never re-derives them.
 
-    plan = preflight(recipe, resume)   # every start-up check: a one-line RecipeError / ValueError
+    plan = preflight(recipe, resume)   # the start-up checks that need no weights: a one-line RecipeError / ValueError
 
-The checks, in one place: the recipe's cross-field rules (``recipe.validate``), the objective's
-(``losses.plan_loss``), the speed options this machine can run (``speed.check_speed_options``), the
-reference mode, the output folder (a new run never lands in an old one's folder; ``--resume`` needs a
-complete checkpoint) and, on ``--resume``, that the checkpoint was written at the same data position.
-The launch checks that need the Accelerator (backend, process count) run as soon as it exists
-(``distributed.check_launch``).
+It runs the recipe's cross-field rules (``config.schema.validate``, with each loop kind's rules from
+``config.loop_checks``), the objective's (``objectives.registry.plan_loss``), the speed options this machine can
+run (``model.speed.check_speed_options``), the reference mode, the output folder (a new run never lands in an old
+one's folder; ``--resume`` needs a complete checkpoint) and, on ``--resume``, that the checkpoint was written at
+the same data position. Checks that need more come later, each as soon as what it needs exists: the launch
+(``model.distributed.check_launch``, once the Accelerator exists) and the data (``check_resume_data``, once the
+training split is tokenised).
 
-Two facts need the built model and are settled once in ``train.setup`` (``Plan.settled``): the layout of
-the forward (prefix sharing depends on the model's attention and type) and the micro-batch that
+Two facts need the built model and are settled once in ``loops.policy_run.setup`` (``Plan.settled``): the layout
+of the forward (prefix sharing depends on the model's attention and type) and the micro-batch that
 ``train.auto_find_batch_size`` finds. ``recipe.yaml`` is written after both, so the run folder's recipe
 and its checkpoints' recipes agree.
 """
@@ -58,7 +59,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run does, resolved from its recipe; read by every phase of train.py."""
+    """What a run does, resolved from its recipe; read by every loop."""
 
     recipe: Recipe
     objective: LossPlan  # the loss's terms and what they read (reference, rejected answers, WPO terms)

@@ -119,7 +119,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class EpochRandomSampler(torch.utils.data.Sampler):
-    """A shuffle that is a pure function of (seed, epoch), like data.LengthGroupedSampler.
+    """A shuffle that is a pure function of (seed, epoch), like LengthGroupedSampler.
 
     torch's RandomSampler draws each epoch from a generator that advanced with every earlier epoch, and
     Accelerate's prepared loader calls ``set_epoch`` with its own iteration counter (0 in a fresh

@@ -33,12 +33,7 @@ tokens under a chat template) or, if any is multi-turn or HH, text becomes messa
 parsed into turns). `tokenize_splits` tokenises and caches each source apart and reports each
 source's kept / truncated / dropped rows and share.
 
-Tokenisation rule (documented behaviour): a message prompt goes through the tokenizer's chat
-template (add_generation_prompt=True); a plain-string prompt is wrapped as one user message and its
-answer as the assistant message whenever the tokenizer has a chat template, so an instruct model
-sees its own template; HH transcripts and tokenizers without a chat template use raw text: prompt
-tokens (+ the tokenizer's BOS if it adds one) + answer tokens + EOS. Every answer ends with exactly
-one ``tokenizer.eos_token``; what a template appends after it (SmolLM2: "\\n") is cut.
+Tokenisation (chat template, BOS / EOS, truncation) is dpo_accel/data/tokenize.py.
 """
 from __future__ import annotations
 

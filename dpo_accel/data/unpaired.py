@@ -6,7 +6,7 @@
 A KTO row is (prompt, completion, label). To reuse the pair forward unchanged (prefix sharing included),
 each row becomes a "pair" whose chosen side is its completion and whose rejected side is a completion
 of another row under this row's prompt: the mismatched pair from which KTO estimates its reference
-point z_0 = KL(π(y'|x) ‖ π_ref(y'|x)) (losses.kto). The mismatch is drawn once per split from a seeded
+point z_0 = KL(π(y'|x) ‖ π_ref(y'|x)) (objectives.registry). The mismatch is drawn once per split from a seeded
 permutation (TRL shuffles completions within dataset batches), so each row's KL completion is fixed and
 a resumed run sees the same ones. A preference set is split into one desirable (chosen) and one
 undesirable (rejected) row per pair.

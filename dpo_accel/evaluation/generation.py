@@ -83,7 +83,7 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
                      autocast=None, temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
                      seed: int = 0) -> list[str]:
     """Answers (decoded, special tokens dropped) for `prompts`, tokenised exactly as in training
-    (`data.prompt_input_ids`) and left-padded in batches: greedy at temperature 0, else sampled
+    (`data.tokenize.prompt_input_ids`) and left-padded in batches: greedy at temperature 0, else sampled
     (`num_return_sequences` per prompt, consecutive; seeded, the caller's RNG state left as it was)."""
     from dpo_accel.data.tokenize import prompt_input_ids
 

@@ -14,7 +14,7 @@ from dpo_accel.evaluation.metrics import MetricAccumulator, example_metrics
 @torch.no_grad()
 def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dict[str, float]:
     """Mean per-example metrics over the whole held-out split (all processes), keys prefixed 'eval/'.
-    ``loss_cfg``: the run's ``losses.LossPlan`` (or a LossConfig)."""
+    ``loss_cfg``: the run's ``objectives.registry.LossPlan`` (or a LossConfig)."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(accelerator, accelerator.unwrap_model(model).layout)

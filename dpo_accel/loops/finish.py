@@ -7,19 +7,27 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Optional
 
 from dpo_accel.outputs.console import log
 from dpo_accel.outputs.export import export_model
 from dpo_accel.outputs.metrics_log import log_metrics, read_json, write_json
 
-__all__ = ["finish", "final_table", "measure_before"]
+__all__ = ["finish", "final_table", "held_out_metrics", "measure_before"]
+
+
+def held_out_metrics(run) -> Optional[dict]:
+    """Held-out preference metrics of the policy now (a collective), or None without a held-out split."""
+    from dpo_accel.evaluation.heldout import evaluate_preferences
+
+    if run.eval_loader is None:
+        return None
+    return evaluate_preferences(run.accelerator, run.model, run.reference, run.eval_loader, run.plan.objective)
 
 
 def measure_before(run) -> None:
     """The policy before training, which `finish` compares with: its generations and, where no reference
     makes the held-out rewards 0 by construction, its held-out metrics. Kept from the first start on resume."""
-    from dpo_accel.loops.policy_run import held_out_metrics
-
     out, accelerator = run.plan.recipe.train.output_dir, run.accelerator
     before = os.path.join(out, "generations_before.json")
     if run.prompts and not os.path.isfile(before):  # every process: a sharded policy is gathered to generate
@@ -49,8 +57,6 @@ def held_out_answers(run) -> dict:
 
 def finish(run) -> dict:
     """After the last step: held-out metrics, generations against the 'before' ones, export, summary."""
-    from dpo_accel.loops.policy_run import held_out_metrics
-
     accelerator, t = run.accelerator, run.plan.recipe.train
     main, step = accelerator.is_main_process, run.engine.step
     summary = {"global_step": step, "data": run.data_stats}

@@ -12,8 +12,8 @@ import torch
 from dpo_accel.config.plan import Plan
 from dpo_accel.data.unpaired import kto_inputs
 from dpo_accel.evaluation.metrics import MetricAccumulator, example_metrics
-from dpo_accel.loops.finish import finish, measure_before
-from dpo_accel.loops.policy_run import PolicyRun, held_out_metrics, setup
+from dpo_accel.loops.finish import held_out_metrics
+from dpo_accel.loops.policy_run import PolicyRun, run_policy
 from dpo_accel.objectives.registry import compute_objective
 
 __all__ = ["OfflineKind", "progress_postfix", "run_offline"]
@@ -67,7 +67,4 @@ def progress_postfix(metrics: dict) -> dict:
 
 def run_offline(plan: Plan) -> dict:
     """Set up, train on the fixed rows, finish; returns the summary."""
-    run = setup(plan)
-    measure_before(run)
-    run.engine.train(OfflineKind(run))
-    return finish(run)
+    return run_policy(plan, OfflineKind)

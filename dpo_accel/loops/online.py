@@ -34,8 +34,8 @@ from dpo_accel.data.tokenize import keep_row, prepended_bos, tokenize_row
 from dpo_accel.evaluation.generation import generate_on_every_process
 from dpo_accel.evaluation.metrics import example_metrics, token_counts
 from dpo_accel.evaluation.verifiers import answer_scorer
-from dpo_accel.loops.finish import finish, measure_before
-from dpo_accel.loops.policy_run import PolicyRun, held_out_metrics, setup
+from dpo_accel.loops.finish import held_out_metrics
+from dpo_accel.loops.policy_run import PolicyRun, run_policy
 from dpo_accel.objectives.registry import compute_objective
 
 __all__ = ["OnlineKind", "run_online"]
@@ -147,7 +147,4 @@ class Window:
 
 def run_online(plan: Plan) -> dict:
     """Set up as an offline run, train on generated pairs, finish; returns the summary."""
-    run = setup(plan)
-    measure_before(run)
-    run.engine.train(OnlineKind(run))
-    return finish(run)
+    return run_policy(plan, OnlineKind)

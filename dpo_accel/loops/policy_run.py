@@ -2,26 +2,25 @@
 before its first step: the accelerator, the tokenised data, the log-prob module around the policy, the loaders,
 the engine (optimizer, schedule, resume position) and the reference.
 
-    run = setup(plan)          # every process; the checks that need the data or the model fail here, in one line
-    kind = OfflineKind(run)    # or OnlineKind(run)
-    run.engine.train(kind)
-    summary = finish(run)      # dpo_accel.loops.finish
+    run_policy(plan, OfflineKind)   # or OnlineKind: setup, measure_before, engine.train(kind), finish
+    # setup: every process; the checks that need the data or the model fail here, in one line
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from dpo_accel.config.plan import Plan, check_resume_data
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.schema import Recipe, dump_recipe, recipe_to_dict
 from dpo_accel.loops.engine import Engine, build_accelerator, steps_per_epoch
+from dpo_accel.loops.finish import finish, measure_before
 from dpo_accel.outputs.checkpoints import base_fingerprint, save_trainable_only
 from dpo_accel.outputs.console import log
 
-__all__ = ["PolicyRun", "setup"]
+__all__ = ["PolicyRun", "run_policy", "setup"]
 
 # More than this share of the training pairs dropped by truncation stops the run, as does every kept pair cut;
 # a smaller share, or more than TRUNCATED_WARN of the pairs cut, is said in one line.
@@ -199,10 +198,11 @@ def setup(plan: Plan) -> PolicyRun:
                      prompts=prompts, eval_rows=rows, data_stats=stats, started=started)
 
 
-def held_out_metrics(run: PolicyRun) -> Optional[dict]:
-    """Held-out preference metrics of the policy now (a collective), or None without a held-out split."""
-    from dpo_accel.evaluation.heldout import evaluate_preferences
 
-    if run.eval_loader is None:
-        return None
-    return evaluate_preferences(run.accelerator, run.model, run.reference, run.eval_loader, run.plan.objective)
+def run_policy(plan: Plan, make_kind) -> dict:
+    """A policy run from start to end: setup, the policy before training, the engine's steps on the kind
+    `make_kind(run)` builds, the finish; returns the summary."""
+    run = setup(plan)
+    measure_before(run)
+    run.engine.train(make_kind(run))
+    return finish(run)

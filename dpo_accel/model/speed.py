@@ -4,13 +4,13 @@ largest micro-batch that fits, with gradient accumulation keeping the global bat
 Each option is a recipe key (see recipe.py) and is checked before any compute is spent:
 
     check_speed_options(recipe)          # one-line RecipeError for an option this machine cannot run
-    bnb_4bit_config(recipe.model)        # the BitsAndBytesConfig that modeling.load_causal_lm passes on
+    bnb_4bit_config(recipe.model)        # the BitsAndBytesConfig that loading.load_causal_lm passes on
     apply_speed_options(accelerator, recipe, logps_model, train_dataset, pad_token_id, with_reference)
-                                         # compile the decoder, then search the micro-batch; returns it (train.py
+                                         # compile the decoder, then search the micro-batch; returns it (the setup
                                          # settles it into the plan before recipe.yaml is written)
 
 The options that need no code of their own live elsewhere: ``model.gradient_checkpointing``
-(non-reentrant, set in modeling.load_policy; it works through the lean log-prob path, which calls the
+(non-reentrant, set in model.loading.load_policy; it works through the lean log-prob path, which calls the
 decoder body directly), ``train.prefix_sharing``, ``train.padding_free`` and ``train.logps_chunk_size``
 (logps.py), ``train.mixed_precision`` (Accelerate's autocast) and ``data.group_by_length`` (data.py).
 """
@@ -203,7 +203,7 @@ def probe_micro_batch(accelerator, logps_model: torch.nn.Module, dataset, pad_to
 
 def apply_speed_options(accelerator, recipe: Recipe, logps_model: torch.nn.Module, train_dataset,
                         pad_token_id: int, with_reference: bool = True, search: Optional[bool] = None) -> Optional[int]:
-    """What train.py runs between building the PreferenceLogpsModel and building the loaders.
+    """What a policy run (loops.policy_run.settle) runs between building the PreferenceLogpsModel and the loaders.
 
     ``train.torch_compile``: compile the decoder (the first steps then include compilation time).
     ``train.auto_find_batch_size`` (or `search`; a resumed run keeps its checkpoint's micro-batch): return

@@ -72,7 +72,7 @@ class Pair:
     ref_rejected: Tensor
     delta: Tensor
     # Unpaired objectives (KTO): chosen is each row's completion, rejected its mismatched KL completion;
-    # ``desirable`` [B] bool is the row's label, ``kl`` the reference point gathered by the loop (kto.kto_inputs).
+    # ``desirable`` [B] bool is the row's label, ``kl`` the reference point gathered by the loop (data.unpaired.kto_inputs).
     desirable: Optional[Tensor] = None
     kl: Optional[Tensor] = None
     # Reward models (bradley_terry): chosen/rejected are the model's scalar rewards; ``margin`` [B] a dataset's
@@ -705,7 +705,7 @@ def compute_objective(cfg: Any, policy: Mapping[str, Tensor], reference: Optiona
     reference: the same two ``*_logps`` keys under the reference model, or None; None is accepted
         exactly when ``needs_reference(cfg)`` is False (a given reference is then ignored).
         Unpaired objectives (KTO) also read ``desirable`` [B] bool and, when present, ``kl`` (a scalar: the
-        reference point over all processes, `kto.kto_inputs`); without ``kl`` it is this batch's own.
+        reference point over all processes, `data.unpaired.kto_inputs`); without ``kl`` it is this batch's own.
 
     Per example: L = Σ_i w_i L_i  (+ rpo_alpha · NLL(chosen)), times the WPO pair weight
     clamp(exp(ω_w + ω_l), max=1) (detached) when ``use_weighting``; the order TRL 0.x uses.
