@@ -88,7 +88,18 @@ def main(argv=None) -> int:
     except RunStopped as e:  # diverged, or a full disk: not a refusal, a stop (exit 3)
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Tear down the processes' group before the interpreter exits: left to exit, a gloo group's threads can
+    abort a rank ("terminate called without an active exception") after the run has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def refuse(error: Exception) -> int:

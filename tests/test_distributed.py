@@ -296,6 +296,8 @@ per_batch = {key: float(torch.cat(v).mean()) for key, v in values.items()}
 assert report.means == per_batch, (report.means, per_batch)
 assert (report.tokens, report.pairs) == (tokens, pairs) and pairs == 7, (report, tokens, pairs)
 print("identical", report.means, report.tokens, report.pairs)
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # a gloo group left to the interpreter's exit can abort a rank
 """
 
 

@@ -201,7 +201,7 @@ def test_reference_free_objectives_use_less_peak_memory_than_a_frozen_copy(tmp_p
             "train.learning_rate": 1e-4, **extra})
         # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a large pytest process would
         # report pytest's own peak (CI: both runs "peaked" at the parent's 3.8 GB).
-        code = ("import sys; from dpo_accel import train; from dpo_accel.config.schema import load_recipe; "
+        code = ("import sys; from dpo_accel import train; from dpo_accel.config.load import load_recipe; "
                 "s = train.run(load_recipe(None, sys.argv[1:])); "
                 "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
         env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}

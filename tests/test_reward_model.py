@@ -182,7 +182,7 @@ def test_reward_non_finite_step_is_skipped_and_weights_stay_finite(small_model_d
 def test_reward_non_finite_steps_in_a_row_stop_the_run(small_model_dir, tmp_path, monkeypatch):
     poison(monkeypatch, {2, 3})
     out = str(tmp_path / "run")
-    with pytest.raises(NonFiniteError, match="2 reward model steps in a row"):
+    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
         train.run(load_recipe(None, rm_sets(small_model_dir, out, **{"train.max_nonfinite_steps": 2})))
     assert [r.get("skipped", False) for r in reward_steps(out)] == [False, True, True]
     # Stopped at step 3: step 2's checkpoint holds step 1's weights (the skip changed nothing), none after it.

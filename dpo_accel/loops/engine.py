@@ -123,6 +123,7 @@ class Engine:
     step: int = 0  # optimizer steps taken
     nonfinite_in_a_row: int = 0
     nonfinite_steps: int = 0
+    last_log: float = 0.0  # when the last line was logged: the rates of the next line count from it
 
     @classmethod
     def prepare(cls, plan: Plan, accelerator, model, train_loader, epoch_steps: int, fingerprint: str,

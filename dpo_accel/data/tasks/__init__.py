@@ -1,0 +1,1 @@
+"""The shipped preference tasks (arithmetic, one-word capitals): dataset generators and behaviour scorers."""
