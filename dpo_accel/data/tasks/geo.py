@@ -23,6 +23,8 @@ import re
 import unicodedata
 from typing import Optional
 
+from dpo_accel.data.tasks.rates import behaviour_rates
+
 # Countries whose capital is one unambiguous word (multi-word, disputed or renamed capitals left out).
 CAPITALS = (
     ("Afghanistan", "Kabul"), ("Albania", "Tirana"), ("Algeria", "Algiers"), ("Angola", "Luanda"),
@@ -169,15 +171,4 @@ def score_answer(prompt: str, answer: str) -> dict:
 
 def behaviour_summary(prompts: list[str], answers: list[str]) -> dict:
     """Rates over a set of generations: format_rate, correct_rate (0..1), mean_answer_words, n."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    n = len(prompts)
-    if n == 0:
-        return {"format_rate": 0.0, "correct_rate": 0.0, "mean_answer_words": 0.0, "n": 0}
-    scores = [score_answer(p, a) for p, a in zip(prompts, answers)]
-    return {
-        "format_rate": sum(s["format"] for s in scores) / n,
-        "correct_rate": sum(s["correct"] for s in scores) / n,
-        "mean_answer_words": sum(len(a.split()) for a in answers) / n,
-        "n": n,
-    }
+    return behaviour_rates(prompts, answers, score_answer)
