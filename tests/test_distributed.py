@@ -367,6 +367,29 @@ def test_online_generation_under_fsdp2_gathers_the_sharded_policy(tiny_model_dir
     assert run["eval"]["eval/loss"] > 0
 
 
+@pytest.mark.slow
+def test_reward_model_under_fsdp2_exports_the_gathered_classifier(tiny_model_dir, tmp_path):
+    """A reward model (loss_type bradley_terry, full fine-tuning) under FSDP2 on 2 gloo ranks: the export is the
+    whole classifier gathered from both ranks' shards, loadable by AutoModelForSequenceClassification, every
+    weight of its trained (not its initial) value and full shape."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = str(tmp_path / "run")
+    launch(tiny_model_dir, out, 2, 2,
+           ["--config_file", os.path.join(CONFIGS, "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())],
+           script=os.path.abspath(__file__), **{"loss.loss_type": "bradley_terry", "train.max_steps": 2})
+    exported = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "model"))
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    trained = dict(exported.named_parameters())
+    for name, tensor in start.named_parameters():
+        if name.startswith("score"):
+            continue  # a new head: its start is random
+        assert trained[name].shape == tensor.shape, name
+    moved = [n for n, t in start.named_parameters() if not n.startswith("score") and not torch.equal(trained[n], t)]
+    assert len(moved) > len(trained) // 2  # the gathered weights are the trained ones
+
+
 def launcher_args(config: str, *extra: str):
     """The launch arguments `accelerate launch --config_file config` resolves (config merged in)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser

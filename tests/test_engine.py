@@ -116,3 +116,55 @@ def test_reward_batches_follow_group_by_length(group, small_model, tmp_path):
         order = list(sampler)
         first = [max(len(splits["train"][i]["chosen"]), 1) for i in order[:4]]
         assert max(first) == 40  # the longest pair leads, so an out-of-memory error shows at step one
+
+
+def test_weight_decay_spares_biases_and_norm_weights():
+    """As the HF Trainer: AdamW's weight decay hits the weight matrices, never a bias or a norm's scale (a
+    decayed norm pulls its layer's output towards zero); without decay the optimizer keeps one group."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dpo_accel.loops.engine import build_optimizer
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    recipe = load_recipe(None, ["train.weight_decay=0.1", "train.max_steps=4"])
+    optimizer, _ = build_optimizer(recipe, model, 4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    assert set(decay) == {0.1, 0.0}
+    assert decay[0.0] and all(n.endswith(".bias") or ".ln_" in n for n in decay[0.0]), decay[0.0]
+    assert "transformer.h.0.attn.c_attn.weight" in decay[0.1] and not any(n.endswith(".bias") for n in decay[0.1])
+    assert sum(len(v) for v in decay.values()) == len(list(model.parameters()))
+    plain, _ = build_optimizer(load_recipe(None, ["train.max_steps=4"]), model, 4)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 0.0
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_generation_stops_at_every_stop_token_of_the_model(small_model):
+    """A model whose generation_config lists several end tokens (Llama-3: end of turn and end of text) stops at
+    each of them, not only at the tokenizer's EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_accel.data.tokenize import prompt_input_ids
+    from dpo_accel.evaluation.generation import generate_answers, stop_tokens
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    prompt = torch.tensor([prompt_input_ids(tok, "What is 2 + 2?")])
+    first = int(model.generate(input_ids=prompt, max_new_tokens=1, do_sample=False)[0, -1])
+    assert first != tok.eos_token_id
+    lengths, real = [], model.generate
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = counted
+    model.generation_config.eos_token_id = tok.eos_token_id
+    generate_answers(model, tok, ["What is 2 + 2?"], 6)
+    model.generation_config.eos_token_id = [first, tok.eos_token_id]  # its first token is now an end token too
+    assert stop_tokens(model, tok) == sorted({first, tok.eos_token_id})
+    generate_answers(model, tok, ["What is 2 + 2?"], 6)
+    assert lengths == [6, 1]

@@ -97,6 +97,7 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
         sample = {"do_sample": True, "temperature": temperature, "top_p": top_p,
                   "num_return_sequences": num_return_sequences}
     # Sampling draws from its own seeded stream: the run's RNG state (and so its resume) is left as it was.
+    stops = stop_tokens(model, tokenizer)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         try:
@@ -107,13 +108,21 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
                 mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
                 with autocast() if autocast is not None else contextlib.nullcontext():
                     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
                                          **sample)
                 answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         finally:
             model.config.use_cache = use_cache
             model.train(was_training)
     return [a.strip() for a in answers]
+
+
+def stop_tokens(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the model's own (its generation_config may list several, such as
+    Llama-3's end of turn beside its end of text) and the tokenizer's EOS, which training appends."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [] if own is None else [own] if isinstance(own, int) else list(own)
+    return sorted(set(own) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def behaviour_scores(name: Optional[str], prompts: list, answers: list[str], rows: Optional[list] = None,

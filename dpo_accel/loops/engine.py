@@ -90,15 +90,33 @@ def build_optimizer(recipe, model, num_training_steps: int):
     from transformers import get_scheduler
 
     t = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(model, t.weight_decay)
     if t.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = torch.optim.RMSprop(params, lr=t.learning_rate)
     else:
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * num_training_steps)
     name = {"constant": "constant_with_warmup"}.get(t.lr_scheduler_type, t.lr_scheduler_type)
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps)
     return optimizer, scheduler
+
+
+# Parameters never decayed, as the HF Trainer has it: biases and normalisation weights (a decayed norm scale or
+# bias pulls the layer towards zero output instead of regularising it).
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """The trainable parameters in two groups: decayed by `weight_decay`, and biases and norm weights (never)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not weight_decay:  # one group, as a checkpoint written without decay holds
+        return [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
+    groups = [{"params": [p for n, p in named if n in decayed], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def steps_per_epoch(plan: Plan, loader_batches: int) -> int:

@@ -267,16 +267,24 @@ def run_reward(plan) -> dict:
 
 def export_reward_model(accelerator, model, tokenizer, recipe, output_dir: str) -> dict:
     """``<output_dir>/model``: the classifier with any LoRA merged, its tokenizer and recipe, loadable by
-    AutoModelForSequenceClassification.from_pretrained (and so by eval.reward_model)."""
-    accelerator.wait_for_everyone()
+    AutoModelForSequenceClassification.from_pretrained (and so by eval.reward_model). A model sharded by FSDP2
+    or ZeRO-3 is gathered first (every process calls this), as the policy's export does; the folder appears
+    atomically."""
+    from dpo_accel.model.distributed import export_from_copy, gathered_copy
+    from dpo_accel.outputs.files import atomic_write
+
+    state = accelerator.get_state_dict(model)  # a collective: the full weights on the main process
     folder = os.path.join(output_dir, "model")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        if export_from_copy(accelerator, unwrapped):
+            unwrapped = gathered_copy(unwrapped, state)
         if hasattr(unwrapped, "merge_and_unload"):
             unwrapped = unwrapped.merge_and_unload()
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        dump_recipe(recipe, os.path.join(folder, "recipe.yaml"))
+        with atomic_write(folder) as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
     accelerator.wait_for_everyone()
     return {"model": folder}

@@ -251,12 +251,10 @@ def gathered_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
     tensors). The copy is built on the meta device and takes the gathered tensors as they are, then its
     weights are tied again, so `save_pretrained` and `merge_and_unload` behave as on one device.
     """
-    from transformers import AutoModelForCausalLM
-
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
     with torch.device("meta"), one_process_zero3_off():
-        plain = AutoModelForCausalLM.from_config(base.config)
+        plain = type(base)._from_config(base.config)  # the same head: a causal LM, or a reward model's classifier
         if peft:
             from peft import get_peft_model
 
