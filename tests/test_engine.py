@@ -86,7 +86,8 @@ def test_reward_pairs_follow_the_truncation_settings(small_model):
     whole = tok(render(tok, long_prompt, "1 + 1 = 2."), add_special_tokens=False)["input_ids"]
     for mode in ("keep_end", "keep_start"):
         d = DataConfig(max_length=48, max_prompt_length=32, truncation_mode=mode)
-        cut, short = tokenize_pairs(rows, tok, d)
+        (cut, short), stats = tokenize_pairs(rows, tok, d)
+        assert stats == {"pairs": 2, "kept": 2, "truncated": 1, "dropped": 0, "raw_max": len(whole)}
         assert len(cut["chosen"]) <= 48 and len(cut["rejected"]) <= 48
         answer = len(whole) - len(tok(render_prompt(tok, long_prompt), add_special_tokens=False)["input_ids"])
         assert len(cut["chosen"]) == 32 + answer  # the prompt cut to max_prompt_length, the answer whole
@@ -95,6 +96,27 @@ def test_reward_pairs_follow_the_truncation_settings(small_model):
         assert "1 + 1 = 2." in text  # the answer survives: the prompt is cut first
         judged = tok(render(tok, rows[1]["prompt"], "2 + 2 = 4."), add_special_tokens=False)["input_ids"]
         assert short["chosen"] == judged
+
+
+def test_reward_pairs_that_truncation_makes_the_same_are_dropped_and_counted(small_model, tmp_path, capsys):
+    """A pair whose answers differ only past the room truncation leaves would train as two identical rows (loss
+    log 2, counted wrong): it is dropped, counted and said in one line; a training split left with none stops."""
+    from transformers import AutoTokenizer
+
+    from dpo_accel.config.errors import RecipeError
+    from dpo_accel.config.schema import DataConfig
+    from dpo_accel.loops.reward import tokenize_pairs, tokenized_pairs
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+    long_prompt = " ".join(f"{i} + {i} = ?" for i in range(30))
+    same_start = {"prompt": long_prompt, "chosen": "The sum is 4 " * 8, "rejected": "The sum is 4 " * 7 + "5"}
+    fine = {"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "5"}
+    d = DataConfig(max_length=48, max_prompt_length=40)
+    rows, stats = tokenize_pairs([same_start, fine], tok, d)
+    assert [r["idx"] for r in rows] == [1] and stats["dropped"] == 1 and stats["kept"] == 1
+    with pytest.raises(RecipeError, match="truncation drops 1 of 1 training pairs"):
+        tokenized_pairs({"train": [same_start]}, tok, d)
+    assert "1 dropped (chosen and rejected the same after the cut)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("group", [True, False])

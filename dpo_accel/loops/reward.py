@@ -23,12 +23,13 @@ import time
 import torch
 
 from dpo_accel.config.plan import check_resume_data
+from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.schema import dump_recipe
 from dpo_accel.data.tokenize import truncate
 from dpo_accel.evaluation.judge import render, render_prompt
 from dpo_accel.evaluation.metrics import MetricAccumulator
 from dpo_accel.loops.engine import Engine, build_accelerator, steps_per_epoch
-from dpo_accel.loops.policy_run import flat_config
+from dpo_accel.loops.policy_run import check_truncation, flat_config
 from dpo_accel.objectives.registry import compute_objective
 from dpo_accel.outputs.checkpoints import base_fingerprint, save_trainable_only
 from dpo_accel.outputs.console import log
@@ -38,27 +39,52 @@ __all__ = ["RewardCollator", "RewardKind", "load_reward_model_for_training", "re
            "tokenize_pairs"]
 
 
-def tokenize_pairs(split, tokenizer, d) -> list[dict]:
-    """Rows of token ids of (prompt + chosen) and (prompt + rejected), rendered as `judge.render` does (the
-    text the exported model will be given); a dataset ``margin`` column is kept. A pair longer than
+def tokenize_pairs(split, tokenizer, d) -> tuple[list[dict], dict]:
+    """(rows, stats): token ids of (prompt + chosen) and (prompt + rejected), rendered as `judge.render` does
+    (the text the exported model will be given), a dataset ``margin`` column kept. A pair longer than
     ``data.max_length`` is cut by the policy data's rule (`data.tokenize.truncate`: the prompt first, to
-    ``data.max_prompt_length`` from the side ``data.truncation_mode`` keeps, then the answers)."""
+    ``data.max_prompt_length`` from the side ``data.truncation_mode`` keeps, then the answers); a pair whose
+    two rows read the same after the cut (nothing of the answers left to tell apart) is dropped. `stats` counts
+    them as the policy data's statistics do (pairs, kept, truncated, dropped, raw_max)."""
     special = not getattr(tokenizer, "chat_template", None)
 
     def ids(text: str) -> list:
         return tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    rows = []
+    rows, stats = [], {"pairs": 0, "kept": 0, "truncated": 0, "dropped": 0, "raw_max": 0}
     for i, row in enumerate(split):
         answers = [answer_text(row[side]) for side in ("chosen", "rejected")]
         whole = [ids(render(tokenizer, row["prompt"], a)) for a in answers]
+        stats["pairs"], stats["raw_max"] = stats["pairs"] + 1, max(stats["raw_max"], *map(len, whole))
         if max(len(w) for w in whole) > d.max_length:
             n = len(ids(render_prompt(tokenizer, row["prompt"])))  # the prompt's tokens lead both rows
             prompt, cut, _ = truncate(whole[0][:n], [w[n:] for w in whole], d.max_length, d.max_prompt_length,
                                       d.truncation_mode)
             whole = [prompt + c for c in cut]
+            stats["truncated"] += 1
+        if whole[0] == whole[1]:
+            stats["dropped"] += 1
+            continue
         rows.append({"chosen": whole[0], "rejected": whole[1], "margin": float(row.get("margin") or 0.0), "idx": i})
-    return rows
+    stats["kept"] = len(rows)
+    stats["truncated"] -= min(stats["truncated"], stats["dropped"])  # a dropped pair is counted once, as dropped
+    return rows, stats
+
+
+def tokenized_pairs(raw: dict, tokenizer, d) -> tuple[dict, dict]:
+    """Every split through `tokenize_pairs`; one line of counts per split, and the training split's truncation
+    checked as a policy run's is (most pairs dropped, or every kept pair cut: an error naming the keys)."""
+    splits, stats = {}, {}
+    for key, ds in raw.items():
+        splits[key], stats[key] = tokenize_pairs(ds, tokenizer, d)
+        s = stats[key]
+        log(f"reward pairs ({key}): {s['pairs']} read, {s['kept']} kept, {s['truncated']} cut to data.max_length "
+            f"{d.max_length}, {s['dropped']} dropped (chosen and rejected the same after the cut); longest "
+            f"{s['raw_max']} tokens")
+    check_truncation(stats["train"], d)
+    if not splits["train"]:
+        raise RecipeError("no training pair survived truncation; raise data.max_length or data.max_prompt_length")
+    return splits, stats
 
 
 def answer_text(value) -> str:
@@ -211,7 +237,7 @@ def reward_setup(plan):
         model_path = resolve_model_path(recipe.model.model_name_or_path, recipe.model.gguf_file)
     tokenizer = load_tokenizer(recipe.model, model_path)
     raw = load_preference_splits(recipe.data, t.seed)
-    splits = {k: tokenize_pairs(ds, tokenizer, recipe.data) for k, ds in raw.items()}
+    splits, stats = tokenized_pairs(raw, tokenizer, recipe.data)
     model = load_reward_model_for_training(recipe, model_path, tokenizer)
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
@@ -231,7 +257,7 @@ def reward_setup(plan):
     accelerator.init_trackers("dpo_accel", config=flat_config(recipe))
     engine.resume()
     kind = RewardKind(engine, train_loader, eval_loader, sampler)
-    return engine, kind, tokenizer, {k: {"pairs": len(v)} for k, v in splits.items()}
+    return engine, kind, tokenizer, stats
 
 
 def run_reward(plan) -> dict:
