@@ -117,6 +117,79 @@ def test_mismatched_completions_come_from_other_prompts_and_are_seeded():
         mismatched_sources(["p", "p"], ["a", "b"], seed=0)
 
 
+class WordTokenizer:
+    """Raw-text stand-in: each word is its number, EOS 2, no BOS, no chat template."""
+
+    eos_token_id, bos_token_id, chat_template = 2, None, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(w) for w in text.split()]}
+
+
+def words(first: int, n: int) -> str:
+    return " ".join(str(first + k) for k in range(n))
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_a_rows_truncation_does_not_depend_on_its_kl_partner(mode):
+    """A 300-token prompt with a 10-token completion (max_length 512, max_prompt_length 128) keeps every token
+    whatever its KL partner's length (joint truncation cut its prompt to 128 beside a 400-token partner); its
+    KL sequence shares its prompt and fits max_length; a partner equal to the completion where both are cut
+    no longer drops the row."""
+    from dpo_accel.data.tokenize import STATUS_KEPT, STATUS_TRUNCATED, tokenize_row
+
+    prompt, completion = words(1000, 300), words(5000, 9)  # + EOS: 10 tokens
+
+    def row(chosen, partner):
+        return tokenize_row({"prompt": prompt, "chosen": chosen, "rejected": partner, "label": True}, 0,
+                            WordTokenizer(), 512, 128, mode, True, None, "train")
+
+    expected = list(range(1000, 1300)) + list(range(5000, 5009)) + [2]
+    for partner_words in (3, 200, 399):
+        out = row(completion, words(7000, partner_words))
+        assert out["chosen_input_ids"] == expected and out["prompt_length"] == 300, partner_words
+        assert out["chosen_labels"] == [-100] * 300 + expected[300:] and out["_status"] == STATUS_KEPT
+        assert out["rejected_input_ids"][:300] == expected[:300]  # one prompt on both sides (prefix sharing)
+        assert len(out["rejected_input_ids"]) == min(300 + partner_words + 1, 512)
+    long_answer = words(5000, 500)
+    short, twin = row(long_answer + " 8", "3 4"), row(long_answer + " 8", long_answer + " 9")
+    assert twin["_status"] == short["_status"] == STATUS_TRUNCATED and twin["chosen_input_ids"] == short["chosen_input_ids"]
+    assert twin["prompt_length"] == 128 and len(twin["chosen_input_ids"]) == 512
+
+
+def test_kto_training_rows_are_shuffled_not_grouped_by_length(tmp_path, capsys):
+    """data.group_by_length: true (the default) gives KTO rows the epoch-seeded shuffle (a batch's reference
+    point must not follow the lengths), said in one line; a DPO run keeps its length-grouped batches."""
+    import datasets
+    from conftest import tiny_overrides
+    from dpo_accel.config.load import load_recipe
+    from dpo_accel.config.plan import preflight
+    from dpo_accel.data.collate import EpochRandomSampler, LengthGroupedSampler
+    from dpo_accel.loops.policy_run import build_loaders
+
+    rows = {"chosen_input_ids": [[5] * n for n in range(1, 17)], "chosen_labels": [[5] * n for n in range(1, 17)],
+            "rejected_input_ids": [[6] * 3] * 16, "rejected_labels": [[6] * 3] * 16, "prompt_length": [0] * 16,
+            "label": [n % 2 == 0 for n in range(16)], "idx": list(range(16))}
+    tokenized = {"train": datasets.Dataset.from_dict(rows)}
+
+    class Pad:
+        pad_token_id = 0
+
+    def sampler_of(loss_type):
+        plan = preflight(load_recipe(None, tiny_overrides(str(tmp_path / "model"), str(tmp_path / "run"),
+                                                          **{"loss.loss_type": loss_type})))
+        assert plan.recipe.data.group_by_length
+        return build_loaders(plan, tokenized, Pad())[2]
+
+    capsys.readouterr()
+    kto = sampler_of("kto")
+    assert isinstance(kto, EpochRandomSampler)
+    assert "KTO: training rows are shuffled (epoch-seeded), not grouped by length" in capsys.readouterr().out
+    kto.set_epoch(1)
+    assert sorted(kto) == list(range(16)) and list(kto) == list(EpochRandomSampler(16, kto.seed + 1))
+    assert isinstance(sampler_of("sigmoid"), LengthGroupedSampler)
+
+
 @pytest.mark.parametrize("bad,expected", [
     (dict(loss_type=["kto", "sigmoid"]), "use it alone"),
     (dict(loss_type="kto", rpo_alpha=1.0), "without loss.rpo_alpha"),

@@ -139,20 +139,47 @@ def truncate(prompt_ids: list, answers: list, max_length: int, max_prompt_length
     return prompt_ids, answers, truncated
 
 
+def truncate_unpaired(prompt_ids: list, completion: list, kl_completion: list, max_length: int,
+                      max_prompt_length: int, truncation_mode: str) -> tuple:
+    """(prompt ids, completion, KL completion, truncated?) of a KTO row, the row cut by its own length alone.
+
+    The row (prompt + its completion) is cut by `truncate`'s rule as if it had no partner, so what it
+    trains on never depends on its random KL partner. The KL sequence keeps that same prompt (so both
+    sides share it: `prompt_length` holds for both and prefix sharing runs it once) and its completion is
+    cut to the room left after it (keeping its start). `truncated` says whether the row's own sequence
+    was cut; cutting the KL completion is part of the rule, not a loss of training data. The KL
+    completion keeps at least one token whenever the row's completion does.
+    """
+    prompt_ids, (completion,), truncated = truncate(prompt_ids, [completion], max_length, max_prompt_length,
+                                                    truncation_mode)
+    return prompt_ids, completion, kl_completion[:max(max_length - len(prompt_ids), 0)], truncated
+
+
 def tokenize_row(row: dict, i: int, tokenizer, max_length: int, max_prompt_length: int, truncation_mode: str,
                   paired: bool, auto_bos: Optional[int], split: str) -> dict:
     """One normalised row -> token columns + helper columns for the statistics. Picklable for datasets.map.
 
     Drop rule: a pair is dropped when after truncation an answer has no token left, or (paired) the
     chosen and rejected answer tokens are identical (their difference was cut off, or the data has the
-    same answer twice): such a pair carries no preference signal.
+    same answer twice): such a pair carries no preference signal. A KTO row (it has a ``label``; its
+    rejected side is its KL completion) is truncated by `truncate_unpaired` and dropped only when its
+    completion has no token left: neither its cut nor its fate depends on its partner; its statistics
+    (truncated, raw length) are those of its own prompt + completion.
     """
+    unpaired = paired and "label" in row
     answers = [row["chosen"], row["rejected"]] if paired else [row["chosen"]]
     prompt_ids, answer_ids = encode_example(tokenizer, row["prompt"], answers, f"row {i} of split '{split}'", auto_bos)
-    raw_length = len(prompt_ids) + max(len(a) for a in answer_ids)
-    prompt_ids, answer_ids, truncated = truncate(prompt_ids, answer_ids, max_length, max_prompt_length,
-                                                 truncation_mode)
-    dropped = any(len(a) == 0 for a in answer_ids) or (paired and answer_ids[0] == answer_ids[1])
+    if unpaired:
+        raw_length = len(prompt_ids) + len(answer_ids[0])
+        prompt_ids, completion, kl, truncated = truncate_unpaired(prompt_ids, *answer_ids, max_length,
+                                                                  max_prompt_length, truncation_mode)
+        answer_ids = [completion, kl]
+        dropped = any(len(a) == 0 for a in answer_ids)
+    else:
+        raw_length = len(prompt_ids) + max(len(a) for a in answer_ids)
+        prompt_ids, answer_ids, truncated = truncate(prompt_ids, answer_ids, max_length, max_prompt_length,
+                                                     truncation_mode)
+        dropped = any(len(a) == 0 for a in answer_ids) or (paired and answer_ids[0] == answer_ids[1])
     out = {"prompt_length": len(prompt_ids), "source_idx": i,
            "_status": STATUS_DROPPED if dropped else STATUS_TRUNCATED if truncated else STATUS_KEPT,
            "_raw_length": raw_length}
@@ -162,7 +189,7 @@ def tokenize_row(row: dict, i: int, tokenizer, max_length: int, max_prompt_lengt
         out[f"{side}_length"] = len(prompt_ids) + len(ids)
     if not paired:
         out["rejected_length"] = 0
-    if "label" in row:  # unpaired (KTO) rows: chosen is the completion, rejected its mismatched KL completion
+    if unpaired:  # chosen is the completion, rejected its mismatched KL completion
         out["label"] = bool(row["label"])
     return out
 

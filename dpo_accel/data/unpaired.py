@@ -10,6 +10,12 @@ point z_0 = KL(π(y'|x) ‖ π_ref(y'|x)) (objectives.registry). The mismatch is
 permutation (TRL shuffles completions within dataset batches), so each row's KL completion is fixed and
 a resumed run sees the same ones. A preference set is split into one desirable (chosen) and one
 undesirable (rejected) row per pair.
+
+Truncation (data.tokenize.truncate_unpaired): a row is cut by its own prompt + completion alone, never by its
+KL partner's length; its KL sequence keeps the row's (cut) prompt and its completion is cut to fit after it,
+so the two sides still share the prompt (prefix sharing runs it once). Training batches of KTO rows are an
+epoch-seeded shuffle whatever data.group_by_length says (loops.policy_run.build_loaders): grouped by length,
+a batch's reference point z_0 would follow the lengths and a batch could hold one label only.
 """
 from __future__ import annotations
 

@@ -124,7 +124,10 @@ def settle(plan: Plan, accelerator, model, tokenized, tokenizer) -> Plan:
 
 
 def build_loaders(plan: Plan, tokenized, tokenizer):
-    """The training loader (length-grouped by the global batch, or an epoch-seeded shuffle) and the eval one."""
+    """The training loader (length-grouped by the global batch, or an epoch-seeded shuffle) and the eval one.
+
+    KTO rows always get the epoch-seeded shuffle, whatever data.group_by_length says: grouped by length, a
+    batch's KL reference point would follow the lengths and a batch could hold rows of one label only."""
     from torch.utils.data import DataLoader
 
     from dpo_accel.data.collate import EpochRandomSampler, LengthGroupedSampler, PreferenceCollator, sequence_lengths
@@ -132,7 +135,10 @@ def build_loaders(plan: Plan, tokenized, tokenizer):
     t, d, g = plan.recipe.train, plan.recipe.data, plan.geometry
     collator = PreferenceCollator(tokenizer.pad_token_id)
     train = tokenized["train"]
-    if d.group_by_length:
+    grouped = d.group_by_length and not plan.objective.unpaired
+    if d.group_by_length and not grouped:
+        log("KTO: training rows are shuffled (epoch-seeded), not grouped by length (data.group_by_length ignored)")
+    if grouped:
         lengths = sequence_lengths(train, plan.layout)  # the row width the decoder will see
         # Grouped by the GLOBAL batch, so 2 processes x 2 pairs see the same pairs as 1 x 4.
         sampler = LengthGroupedSampler(lengths, g.per_device * g.processes, seed=t.seed)
