@@ -3,7 +3,9 @@
 Proves: every key of both shipped handbook-style recipes maps to the section key and value asserted
 here, or is listed as ignored with a reason; the mapping is printed once (main process only); an
 unknown flat key gets a did-you-mean; the handbook's own zephyr DPO QLoRA recipe (older
-dataset_mixer / dataset_splits keys) loads; an ORPO recipe trains ORPO with beta as its lambda;
+dataset_mixer / dataset_splits keys) loads; an ORPO recipe trains ORPO with beta as its lambda, and
+only an explicit loss_type or the handbook's orpo/ layout makes one (never a substring of the file name); keys a
+flat file leaves out take TRL's defaults; max_completion_length sets max_length when that is not given;
 both shipped recipes run end to end on a tiny model with only the model path (and the output
 folder) overridden.
 """
@@ -186,3 +188,79 @@ def test_handbook_orpo_recipe_runs_end_to_end(tiny_model_dir, tmp_path):
     assert summary["global_step"] == 45
     assert "eval_before" in summary  # no reference: the loop measured the start
     assert math.isfinite(summary["eval"]["eval/loss"]) and not os.path.isdir(os.path.join(out, "checkpoints"))
+
+
+def _load_flat(tmp_path, name: str, raw: dict):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return load_recipe(str(path))
+
+
+def test_orpo_comes_from_loss_type_or_the_handbook_layout_never_from_a_substring(tmp_path):
+    dpo = {"loss_type": "sigmoid", "beta": 0.01}
+    for name in ("corporate_dpo.yaml", "dpo_vs_orpo.yaml", "handbook_orpo.yaml", "orpo/config_full.yaml"):
+        r = _load_flat(tmp_path / "explicit", name, dpo)  # an explicit loss_type is never overridden
+        assert (r.loss.loss_type, r.loss.beta, r.loss.orpo_lambda) == ("sigmoid", 0.01, 0.1), name
+    for name in ("corporate.yaml", "dpo_vs_orpo.yaml", "orpo_dpo.yaml"):  # no loss_type: TRL's sigmoid
+        r = _load_flat(tmp_path / "plain", name, {"beta": 0.01})
+        assert (r.loss.loss_type, r.loss.beta) == ("sigmoid", 0.01), name
+    # A DPO-only key makes it a DPO recipe even in the handbook's orpo/ folder.
+    r = _load_flat(tmp_path / "rpo", "orpo/config_full.yaml", {"beta": 0.01, "rpo_alpha": 1.0})
+    assert (r.loss.loss_type, r.loss.beta, r.loss.rpo_alpha) == ("sigmoid", 0.01, 1.0)
+    # ORPO: loss_type orpo, the handbook's orpo/ folder, an `orpo` word in the file name (the shipped recipe).
+    for sub, name, raw in (("lt", "dpo.yaml", {"loss_type": "orpo", "beta": 0.05}),
+                           ("layout", "orpo/config_full.yaml", {"beta": 0.05}),
+                           ("word", "config-orpo.yaml", {"beta": 0.05})):
+        r = _load_flat(tmp_path / sub, name, raw)
+        assert (r.loss.loss_type, r.loss.orpo_lambda, r.loss.beta) == ("orpo", 0.05, 0.1), name
+    _, rows = handbook.from_flat({"beta": 0.1}, RECIPES["orpo"])
+    assert ("(file name)", "loss.loss_type", "orpo: an ORPO recipe") in rows
+    assert load_recipe(RECIPES["orpo"]).loss.loss_type == "orpo"
+
+
+TRL_VALUES = {"train.num_train_epochs": 3.0, "train.learning_rate": 1e-6, "data.max_length": 1024,
+              "data.max_prompt_length": 512, "train.per_device_train_batch_size": 8, "train.save_steps": 500}
+
+
+def test_a_flat_recipe_takes_trls_defaults_for_the_keys_it_leaves_out(tmp_path, capsys):
+    r = _load_flat(tmp_path, "dpo.yaml", {"beta": 0.1})
+    assert {k: get(r, k) for k in TRL_VALUES} == TRL_VALUES
+    assert (r.train.logging_steps, r.eval.do_eval) == (1, True)  # left out of the table on purpose
+    out = capsys.readouterr().out
+    assert "6 TRL defaults" in out and "-> train.num_train_epochs  (TRL default: 3.0, not in the file)" in out
+    own = {"num_train_epochs": 1, "learning_rate": 5e-5, "max_length": 256, "max_prompt_length": 64,
+           "per_device_train_batch_size": 2, "save_steps": 0}
+    r = _load_flat(tmp_path, "own.yaml", {"beta": 0.1, **own})
+    assert [get(r, handbook.FLAT[k]) for k in own] == list(own.values())
+    assert "TRL default" not in capsys.readouterr().out
+    # A section key beside the flat ones counts as set; TRL's 512 is not forced under a shorter max_length.
+    r = _load_flat(tmp_path, "mixed.yaml", {"beta": 0.1, "max_length": 384, "train": {"learning_rate": 2e-5}})
+    assert (r.train.learning_rate, r.data.max_length, r.data.max_prompt_length, r.train.num_train_epochs) == \
+        (2e-5, 384, 256, 3.0)
+    # A sectioned recipe keeps dpo_accel's defaults.
+    r = load_recipe(os.path.join(REPO, "recipes", "smollm2_arith_lora.yaml"))
+    assert r.data.max_length != 1024 and r.train.learning_rate != 1e-6
+
+
+def test_max_completion_length_sets_max_length_when_it_is_not_given(tmp_path):
+    r = _load_flat(tmp_path, "a.yaml", {"beta": 0.1, "max_prompt_length": 128, "max_completion_length": 64})
+    assert (r.data.max_prompt_length, r.data.max_length) == (128, 192)
+    r = _load_flat(tmp_path, "b.yaml", {"beta": 0.1, "max_completion_length": 256})  # TRL's prompt length, 512
+    assert (r.data.max_prompt_length, r.data.max_length) == (512, 768)
+    raw = {"beta": 0.1, "max_length": 300, "max_prompt_length": 100, "max_completion_length": 64}
+    r = _load_flat(tmp_path, "c.yaml", raw)  # max_length given: it decides
+    assert r.data.max_length == 300
+    assert ("max_completion_length", None, "answers get max_length minus the kept prompt") in \
+        handbook.from_flat(raw)[1]
+    with pytest.raises(RecipeError, match="max_completion_length must be a positive number"):
+        _load_flat(tmp_path, "d.yaml", {"beta": 0.1, "max_completion_length": "long"})
+
+
+def test_use_bnb_nested_quant_false_is_reported_as_not_honoured():
+    """TRL's default (false) cannot be had here: said so, not passed over as if it were what runs."""
+    _, rows = handbook.from_flat({"load_in_4bit": True, "use_bnb_nested_quant": False})
+    note = dict((k, n) for k, t, n in rows if t is None)["use_bnb_nested_quant"]
+    assert note.startswith("false cannot be honoured") and "always double-quantises" in note
+    _, rows = handbook.from_flat({"load_in_4bit": True, "use_bnb_nested_quant": True})
+    assert ("use_bnb_nested_quant", None, "QLoRA here always double-quantises (bnb_4bit_use_double_quant)") in rows
