@@ -159,7 +159,8 @@ def test_the_handbooks_zephyr_qlora_recipe_loads_as_published(tmp_path):
     r = load_recipe(str(path))
     assert (r.model.dtype, r.model.load_in_4bit, r.lora.lora_r, r.loss.beta) == ("float16", True, 16, 0.01)
     assert r.data.dataset_mixture == {"datasets": [{"id": "HuggingFaceH4/ultrafeedback_binarized",
-                                                    "split": "train_prefs", "eval_split": "test_prefs"}], "seed": 42}
+                                                    "split": "train_prefs", "eval_split": "test_prefs"}], "seed": 42,
+                                        "form": "dataset_mixer"}
     assert (r.train.optimizer, r.train.mixed_precision, r.train.push_to_hub, r.data.num_proc) == \
         ("adamw", "bf16", True, 12)
 

@@ -1,4 +1,5 @@
-"""Reward-model judging: batched scores equal one-at-a-time scores, win rates and intervals by hand."""
+"""Reward-model judging: batched scores equal one-at-a-time scores, win rates and intervals by hand; the
+interval resamples prompts, so k identical answers per prompt leave it as wide as one answer does."""
 from __future__ import annotations
 
 import pytest
@@ -67,3 +68,36 @@ def test_reward_model_errors_are_one_line(tiny_model_dir, tmp_path):
         judge.load_reward_model(str(tmp_path / "missing"), torch.device("cpu"))
     with pytest.raises(ValueError, match="aligned lists"):
         judge.judge_answers(tiny_model_dir, ["p"], ["a", "b"], ["a"], ["a"], torch.device("cpu"))
+
+
+def test_interval_resamples_prompts_not_their_k_answers(monkeypatch):
+    # 40 prompts; the after answer beats, ties or loses to the before / chosen ones by its reward (i % 5).
+    reward = {**{f"after {i}": float(i % 5) for i in range(40)}, **{f"before {i}": 2.0 for i in range(40)},
+              **{f"chosen {i}": 3.0 for i in range(40)}}
+    monkeypatch.setattr(judge, "load_reward_model", lambda path, device, dtype=None: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(judge, "reward_scores", lambda model, tok, prompts, answers, *a, **k: [reward[x] for x in answers])
+
+    def verdict(k: int) -> dict:  # the generation reports with k identical answers per prompt, consecutive
+        before = {"samples": [{"prompt": f"q {i}", "answer": f"before {i}"} for i in range(40) for _ in range(k)]}
+        after = {"samples": [{"prompt": f"q {i}", "answer": f"after {i}", "chosen": f"chosen {i}"}
+                             for i in range(40) for _ in range(k)]}
+        return judge.judge_reports("rm", before, after, torch.device("cpu"))["scores"]
+
+    one, four = verdict(1), verdict(4)
+    for name in ("before", "chosen"):
+        key = f"win_rate_vs_{name}"
+        assert four[key] == one[key]  # the point estimate is the same
+        width_one, width_four = one[key + "_high"] - one[key + "_low"], four[key + "_high"] - four[key + "_low"]
+        assert width_one > 0.1
+        # Copies of a prompt's answer add no information: the interval is that of k = 1, not narrower.
+        assert width_four >= width_one and (four[key + "_low"], four[key + "_high"]) == pytest.approx(
+            (one[key + "_low"], one[key + "_high"]))
+    # Resampling the 160 answers one by one (no groups) is what narrowed it, by about sqrt(4) = 2.
+    after = [float(i % 5) for i in range(40) for _ in range(4)]
+    low, high = judge.bootstrap_interval(after, [2.0] * 160)
+    assert high - low < 0.7 * (one["win_rate_vs_before_high"] - one["win_rate_vs_before_low"])
+    # Grouping by the prompt does not need the answers to be consecutive.
+    prompts = [f"q {i}" for _ in range(4) for i in range(40)]
+    spread = [float(i % 5) for _ in range(4) for i in range(40)]
+    assert judge.bootstrap_interval(spread, [2.0] * 160, groups=prompts) == pytest.approx(
+        (one["win_rate_vs_before_low"], one["win_rate_vs_before_high"]))

@@ -2,7 +2,9 @@
 
 Proves: two sources in different formats mixed 0.75/0.25 give training rows in those proportions
 (counted), the same rows for a seed and others for another seed, and a held-out carve of
-test_split_size from the mixture; text and message sources meet in one column type (single-turn
+test_split_size from the mixture; the train and held-out rows are row for row those of datasets' own
+calls as the handbook makes them (shuffle + select per source, concatenate + shuffle, train_test_split;
+the older dataset_mixer form: each source's first rows, test splits shuffled); text and message sources meet in one column type (single-turn
 conversations as strings with the same tokens, otherwise text lifted to messages, HH parsed into
 turns); `rows` repeats a source; column mappings; per-source stats and shares in the start-up
 table; each source's tokenisation is cached apart; a bad row names its file, row and column; the
@@ -103,6 +105,49 @@ def test_weights_are_counted_seeded_and_eval_is_carved(tmp_path):
     rows = load(tmp_path, mixture(tmp_path, [{"id": hh, "weight": 0.75}, {"id": chat, "weight": 0.25}],
                                   test_split_size=30))
     assert (len(rows["train"]), len(rows["eval"])) == (170, 30)
+
+
+def tagged_rows(tag: str, n: int) -> list:
+    return [{"prompt": f"{tag} {i}?", "chosen": f"{tag} yes {i}", "rejected": f"{tag} no {i}"} for i in range(n)]
+
+
+def read_rows(tmp_path, path: str):
+    return datasets.load_dataset("json", data_files=path, split="train", cache_dir=str(tmp_path / "expected"))
+
+
+@pytest.mark.parametrize("weights, test_size, sizes", [((0.6, None), 0.25, (30, 17)), ((None, None), 0.28, (10, 15)),
+                                                       ((0.5, 0.9), 7, (20, 11))])
+def test_the_carve_is_datasets_train_test_split_of_the_handbooks_mixture(tmp_path, weights, test_size, sizes):
+    files = [write_jsonl(tmp_path / f"{tag}.jsonl", tagged_rows(tag, n)) for tag, n in zip("ab", sizes)]
+    sources = [{"id": f, **({"weight": w} if w is not None else {})} for f, w in zip(files, weights)]
+    ours = load(tmp_path, mixture(tmp_path, sources, seed=5, test_split_size=test_size))
+    # The handbook's get_dataset, with datasets' own calls on the same sources:
+    parts = [read_rows(tmp_path, f) for f in files]
+    parts = [ds if w is None else ds.shuffle(seed=5).select(range(int(len(ds) * w))) for ds, w in zip(parts, weights)]
+    expected = datasets.concatenate_datasets(parts).shuffle(seed=5).train_test_split(test_size=test_size, seed=5)
+    assert ours["train"][:] == expected["train"][:]  # row for row, in the same order
+    assert ours["eval"][:] == expected["test"][:]
+    if test_size == 0.28:  # 0.28 * 25 is 7.000000000000001 in floating point: datasets holds out 8
+        assert len(ours["eval"]) == 8
+
+
+def test_the_older_dataset_mixer_form_keeps_each_sources_first_rows(tmp_path):
+    for tag, n, m in (("a", 20, 5), ("b", 10, 4)):
+        write_jsonl(tmp_path / tag / "train.jsonl", tagged_rows(tag, n))
+        write_jsonl(tmp_path / tag / "test.jsonl", tagged_rows(tag + "-test", m))
+    sources = [{"id": str(tmp_path / "a"), "weight": 0.55, "eval_split": "test"},
+               {"id": str(tmp_path / "b"), "eval_split": "test"}]
+    ours = load(tmp_path, mixture(tmp_path, sources, seed=42, form="dataset_mixer"))
+    # The older handbook's mix_datasets: select(range(int(frac * len))), concatenate, shuffle(seed=42);
+    # the test splits whole, concatenated and shuffled(seed=42).
+    train = [read_rows(tmp_path, str(tmp_path / tag / "train.jsonl")) for tag in "ab"]
+    test = [read_rows(tmp_path, str(tmp_path / tag / "test.jsonl")) for tag in "ab"]
+    train[0] = train[0].select(range(int(0.55 * len(train[0]))))
+    assert ours["train"][:] == datasets.concatenate_datasets(train).shuffle(seed=42)[:]
+    assert ours["eval"][:] == datasets.concatenate_datasets(test).shuffle(seed=42)[:]
+    assert sorted(ours["train"]["prompt"])[:11] == sorted(f"a {i}?" for i in range(11))  # a's first 11 rows
+    with pytest.raises(RecipeError, match="form is 'mixer'; choose one of: dataset_mixture, dataset_mixer"):
+        load_recipe(None, ['data.dataset_mixture={"datasets": ["a"], "form": "mixer"}'])
 
 
 def test_single_turn_chat_meets_text_as_text_with_the_same_tokens(tmp_path, tok):

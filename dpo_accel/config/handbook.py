@@ -238,7 +238,8 @@ def _mixer(raw: dict) -> dict:
         if test:
             src["eval_split"] = test[0]
         sources.append(src)
-    return {"datasets": sources, "seed": 42}  # the older mixer shuffled with seed 42
+    # the older mixer shuffled with seed 42 and kept each source's first int(fraction * n) rows
+    return {"datasets": sources, "seed": 42, "form": "dataset_mixer"}
 
 
 def from_flat(raw: dict, path: Optional[str] = None) -> tuple[dict, list]:

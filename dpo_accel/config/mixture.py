@@ -12,14 +12,21 @@
             format: hh                      # this source's data.format (default: data.format)
         seed: 0                             # subsampling, mixing and the held-out carve (default: train.seed)
         test_split_size: 0.1                # held out from the mixed rows: a fraction (< 1) or a number of rows
+        form: dataset_mixture               # or dataset_mixer: the older handbook's semantics (below)
 
-Semantics follow the handbook's ``get_dataset``: each source is subsampled to ``int(len * weight)``
-rows by ``shuffle(seed)``, the sources are concatenated and shuffled with the seed, and
-``test_split_size`` carves the held-out rows from that mixture. Beyond the handbook: ``rows``,
-per-source ``format`` and ``eval_split`` (a source's own held-out split, added to eval whole, as the
-handbook's older mixer kept test splits unsubsampled), and sources of different formats, which
-are normalised before mixing (``dpo_accel.data.formats``). This module is plain Python so the recipe can
-check a mixture before anything heavy is imported.
+Semantics follow the handbook's ``get_dataset`` row for row: each source is subsampled to
+``ds.shuffle(seed=seed).select(range(int(len(ds) * weight)))``, the sources are concatenated and
+shuffled with the seed, and ``test_split_size`` carves the held-out rows from that mixture by
+``train_test_split(test_size=test_split_size, seed=seed)`` (which shuffles again: the held-out rows
+are not the first ones of the mixture). ``form: dataset_mixer`` reproduces the older handbook's
+``mix_datasets`` (its ``dataset_mixer: {id: fraction}``, which ``dpo_accel.config.handbook`` converts):
+``weight`` keeps a source's first ``int(fraction * len(ds))`` rows (``ds.select(range(...))``, no
+shuffle) and the sources' ``eval_split`` rows are concatenated and shuffled with the seed (that mixer's
+``concatenate_datasets(tests).shuffle(seed=42)``). Beyond the handbook: ``rows``, per-source ``format``
+and ``eval_split`` (a source's own held-out split, added to eval whole, as the handbook's older mixer
+kept test splits unsubsampled), and sources of different formats, which are normalised before mixing
+(``dpo_accel.data.formats``). This module is plain Python so the recipe can check a mixture before
+anything heavy is imported.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from typing import Optional, Union
 from dpo_accel.config.errors import RecipeError, did_you_mean
 
 FORMATS = ("auto", "explicit", "conversational", "implicit", "hh", "sft")
+FORMS = ("dataset_mixture", "dataset_mixer")  # the handbook's get_dataset / its older mix_datasets
 
 
 class MixtureError(RecipeError):
@@ -59,10 +67,16 @@ class Mixture:
     sources: tuple
     seed: Optional[int] = None
     test_split_size: Optional[Union[float, int]] = None
+    form: str = "dataset_mixture"  # "dataset_mixer": weight keeps the first rows, eval splits shuffled
+
+    @property
+    def first_rows(self) -> bool:
+        """True when `weight` keeps a source's first rows (the older dataset_mixer), not a seeded sample."""
+        return self.form == "dataset_mixer"
 
 
 SOURCE_KEYS = [f.name for f in fields(Source)]
-MIXTURE_KEYS = ["datasets", "seed", "test_split_size"]
+MIXTURE_KEYS = ["datasets", "seed", "test_split_size", "form"]
 
 
 def _unknown(key: str, where: str, allowed: list) -> MixtureError:
@@ -120,14 +134,18 @@ def parse_mixture(raw, where: str = "data.dataset_mixture") -> Mixture:
         raise MixtureError(f"{where}.test_split_size must be a fraction in (0, 1) or a number of rows, got {size!r}")
     if isinstance(size, float) and size >= 1:
         size = int(size)
-    return Mixture(tuple(sources), seed, size)
+    form = raw.get("form", "dataset_mixture")
+    if form not in FORMS:
+        raise MixtureError(f"{where}.form is {form!r}; choose one of: {', '.join(FORMS)}")
+    return Mixture(tuple(sources), seed, size, form)
 
 
 def held_out_rows(size: Optional[Union[float, int]], total: int) -> int:
-    """Rows carved from `total` mixed rows: ceil(fraction * total) as datasets' train_test_split, or a count."""
+    """Rows carved from `total` mixed rows: ceil(fraction * total) exactly as datasets' train_test_split
+    computes it (no rounding of the product first), or a count."""
     if size is None:
         return 0
-    n = int(size) if isinstance(size, int) else math.ceil(round(size * total, 6))
+    n = int(size) if isinstance(size, int) else math.ceil(size * total)
     if not 0 < n < total:
         raise MixtureError(f"data.dataset_mixture.test_split_size {size} holds out {n} of {total} mixed rows; "
                            f"it must leave at least one row on each side")

@@ -27,7 +27,9 @@ string or a list of ``{"role", "content"}`` messages and the answers are of the 
 
 Mixtures (``data.dataset_mixture``, the alignment-handbook's block; schema in dpo_accel/config/mixture.py):
 each source is loaded and normalised with its own format, subsampled (``weight``: a seeded fraction,
-as the handbook; ``rows``: a count), mixed in a seeded order and carved (``test_split_size``). Where
+as the handbook, or with ``form: dataset_mixer`` the first rows, as its older mixer; ``rows``: a count),
+mixed in a seeded order and carved (``test_split_size``: datasets' own ``train_test_split`` of the
+mixture), the rows the handbook's own calls give. Where
 some sources give text and others messages, single-turn conversations become strings (the same
 tokens under a chat template) or, if any is multi-turn or HH, text becomes messages (HH transcripts
 parsed into turns). `tokenize_splits` tokenises and caches each source apart and reports each
@@ -294,22 +296,54 @@ def _lower_row(row: dict) -> dict:
     return {col: row[col][0]["content"] for col in ("prompt", "chosen", "rejected") if col in row}
 
 
-def _subsample(n: int, src, seed: int) -> np.ndarray:
-    """Row indices kept of a source of n rows: handbook weight (int(n * weight) of a seeded shuffle),
-    a row count (whole shuffles repeated when it exceeds n), or all rows in order."""
-    perm = np.random.default_rng(seed).permutation(n)
+def _index_rows(rows: np.ndarray):
+    """A one-column in-memory Dataset of row numbers, so datasets' own shuffle / train_test_split pick rows."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"row": np.asarray(rows, dtype=np.int64)})
+
+
+def _rows_of(ds) -> np.ndarray:
+    return np.asarray(ds.with_format("numpy")["row"], dtype=np.int64)
+
+
+def _shuffled(rows: np.ndarray, seed: int) -> np.ndarray:
+    """`rows` in the order datasets' ``Dataset.shuffle(seed=seed)`` puts them."""
+    return _rows_of(_index_rows(rows).shuffle(seed=seed))
+
+
+def _subsample(n: int, src, seed: int, first_rows: bool = False) -> np.ndarray:
+    """Row indices kept of a source of n rows: handbook weight (``ds.shuffle(seed=seed).select(range(int(n *
+    weight)))``; with `first_rows`, the older dataset_mixer's ``ds.select(range(int(weight * n)))``), a row
+    count (whole shuffles repeated when it exceeds n), or all rows in order."""
+    if src.weight is not None and first_rows:
+        return np.arange(int(src.weight * n))
+    if src.weight is None and src.rows is None:
+        return np.arange(n)
+    perm = _shuffled(np.arange(n), seed)
     if src.weight is not None:
         return perm[:int(n * src.weight)]
-    if src.rows is not None:
-        return np.concatenate([perm] * (src.rows // n) + [perm[:src.rows % n]])
-    return np.arange(n)
+    return np.concatenate([perm] * (src.rows // n) + [perm[:src.rows % n]])
+
+
+def _carve(pool: np.ndarray, size, seed: int) -> dict:
+    """{"train": rows, "eval": held-out rows} of the mixed `pool` (row numbers in mixed order): datasets'
+    own ``train_test_split(test_size=size, seed=seed)`` of the mixture, the handbook's call (it shuffles
+    again, so the held-out rows are not the mixture's first); {"train": pool} when size is None."""
+    from dpo_accel.config.mixture import held_out_rows
+
+    if size is None:
+        return {"train": pool}
+    held_out_rows(size, len(pool))  # one line naming the recipe key when a side would be empty
+    carved = _index_rows(pool).train_test_split(test_size=size, seed=seed)
+    return {"train": _rows_of(carved["train"]), "eval": _rows_of(carved["test"])}
 
 
 def _load_mixture(cfg: DataConfig, seed: int, cache_dir: Optional[str]) -> MixtureDict:
     """Load, check and normalise every source of `cfg.dataset_mixture`, subsample each, mix, carve eval."""
     import datasets
 
-    from dpo_accel.config.mixture import held_out_rows, parse_mixture
+    from dpo_accel.config.mixture import parse_mixture
 
     mixture = parse_mixture(cfg.dataset_mixture)
     seed = seed if mixture.seed is None else mixture.seed
@@ -327,7 +361,7 @@ def _load_mixture(cfg: DataConfig, seed: int, cache_dir: Optional[str]) -> Mixtu
             label = src.label if key == "train" else f"{src.id} [{split}]"
             ds = normalise_split(_select_columns(ds, src, label, at), fmt, label)
             if key == "train":
-                keep = _subsample(len(ds), src, seed)
+                keep = _subsample(len(ds), src, seed, mixture.first_rows)
                 if len(keep) == 0:
                     raise DataError(f"{at}.weight {src.weight} keeps no row of the {len(ds)} in '{label}'; raise it")
                 ds = ds.select(keep, new_fingerprint=content_hash("subsample", ds._fingerprint, index_digest(keep)))
@@ -353,13 +387,12 @@ def _load_mixture(cfg: DataConfig, seed: int, cache_dir: Optional[str]) -> Mixtu
                 parts[j] = (label, ds.map(_lift_row, fn_kwargs={"hh": hh}, remove_columns=ds.column_names,
                                           new_fingerprint=content_hash("lift", ds._fingerprint, hh), desc=f"lift {label}"))
     offsets = np.cumsum([0] + [len(ds) for _, ds in parts])
-    pool = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in train_parts])
-    pool = pool[np.random.default_rng(seed).permutation(len(pool))]
-    n_eval = held_out_rows(mixture.test_split_size, len(pool))
-    orders = {"train": pool[n_eval:]}
+    pool = _shuffled(np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in train_parts]), seed)
+    orders = _carve(pool, mixture.test_split_size, seed)
     own_eval = [np.arange(offsets[j], offsets[j + 1]) for j, spec in enumerate(specs) if spec == "eval split"]
-    if n_eval or own_eval:
-        orders["eval"] = np.concatenate([pool[:n_eval]] + own_eval)
+    if own_eval:  # the older mixer shuffled its concatenated test splits with the seed
+        own = _shuffled(np.concatenate(own_eval), seed) if mixture.first_rows else np.concatenate(own_eval)
+        orders["eval"] = np.concatenate([orders.get("eval", own[:0]), own])
     for key, cap in (("train", cfg.max_train_samples), ("eval", cfg.max_eval_samples)):
         if cap is not None and key in orders:
             if cap < 1:

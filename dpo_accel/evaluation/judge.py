@@ -5,7 +5,9 @@ implicit rewards. Here a sequence-classification reward model (the format reward
 use: ``AutoModelForSequenceClassification`` with one label) scores, on the same held-out prompts,
 the policy's answers after training, the starting policy's answers and the dataset's chosen answers.
 Reported: the mean reward of each, and win rates after-vs-before and after-vs-chosen (a tie counts
-half), each with a percentile-bootstrap 95% interval over the answers.
+half), each with a percentile-bootstrap 95% interval over the prompts: with ``eval.num_return_sequences``
+k > 1 a prompt's k answers are not independent, so a resample draws prompts, each with all its answers
+(resampling answers would narrow the interval by about sqrt(k)).
 
 Batched on the main process's device under the run's autocast; the chat template is applied when the
 reward model's tokenizer has one (the prompt as a user turn, the answer as the assistant's), else the
@@ -14,6 +16,7 @@ text is prompt and answer joined by a blank line.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 from typing import Callable, Optional, Sequence
@@ -96,24 +99,41 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def bootstrap_interval(a: Sequence[float], b: Sequence[float], n_resamples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of `win_rate(a, b)`, resampling rows (pairs kept together)."""
+                       level: float = 0.95, groups: Optional[Sequence] = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of `win_rate(a, b)`, resampling clusters of rows (pairs kept together).
+
+    `groups`: one key per row (the prompt); rows with equal keys form one cluster, drawn whole, and a
+    resample's win rate is its rows' share of wins. Without `groups` every row is its own cluster."""
     outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    keys = range(len(outcomes)) if groups is None else [json.dumps(g, sort_keys=True, default=str) for g in groups]
+    if len(keys) != len(outcomes):
+        raise ValueError(f"{len(keys)} group keys for {len(outcomes)} rows")
+    sums: dict = {}
+    sizes: dict = {}
+    for key, outcome in zip(keys, outcomes):
+        sums[key] = sums.get(key, 0.0) + outcome
+        sizes[key] = sizes.get(key, 0) + 1
+    cluster_sums, cluster_sizes = list(sums.values()), list(sizes.values())
     rng = random.Random(seed)
-    n = len(outcomes)
-    stats = sorted(sum(outcomes[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_resamples))
+    n = len(cluster_sums)
+    stats = []
+    for _ in range(n_resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        stats.append(sum(cluster_sums[i] for i in picks) / sum(cluster_sizes[i] for i in picks))
+    stats.sort()
     low = stats[int((1 - level) / 2 * n_resamples)]
     high = stats[min(int((1 + level) / 2 * n_resamples), n_resamples - 1)]
     return low, high
 
 
 def compare(after: Sequence[float], before: Sequence[float], chosen: Sequence[float], n_resamples: int = 1000,
-            seed: int = 0) -> dict:
-    """Mean rewards and win rates (with 95% intervals) from three aligned lists of rewards."""
+            seed: int = 0, prompts: Optional[Sequence] = None) -> dict:
+    """Mean rewards and win rates (with 95% intervals) from three aligned lists of rewards; `prompts` (aligned
+    too) makes the intervals resample prompts, each with all its answers (see `bootstrap_interval`)."""
     out = {"reward_after": sum(after) / len(after), "reward_before": sum(before) / len(before),
            "reward_chosen": sum(chosen) / len(chosen)}
     for name, other in (("before", before), ("chosen", chosen)):
-        low, high = bootstrap_interval(after, other, n_resamples, seed)
+        low, high = bootstrap_interval(after, other, n_resamples, seed, groups=prompts)
         out[f"win_rate_vs_{name}"] = win_rate(after, other)
         out[f"win_rate_vs_{name}_low"], out[f"win_rate_vs_{name}_high"] = low, high
     return out
@@ -125,7 +145,8 @@ def judge_answers(path: str, prompts: Sequence, before: Sequence[str], after: Se
     """Load the reward model at `path`, score the three answer sets, compare them.
 
     Returns {"scores": compare(...), "rewards": {"before": [...], "after": [...], "chosen": [...]}};
-    `chosen` may hold conversations (the last message is the answer). The model is released after."""
+    `chosen` may hold conversations (the last message is the answer). Rows with the same prompt (its
+    num_return_sequences answers) are one cluster of the intervals' bootstrap. The model is released after."""
     if not (len(prompts) == len(before) == len(after) == len(chosen)):
         raise ValueError(f"judging needs aligned lists: {len(prompts)} prompts, {len(before)} before, "
                          f"{len(after)} after, {len(chosen)} chosen answers")
@@ -134,7 +155,8 @@ def judge_answers(path: str, prompts: Sequence, before: Sequence[str], after: Se
                for name, answers in (("before", list(before)), ("after", list(after)),
                                      ("chosen", [_message_text(c) for c in chosen]))}
     del model
-    return {"scores": compare(rewards["after"], rewards["before"], rewards["chosen"], seed=seed), "rewards": rewards}
+    scores = compare(rewards["after"], rewards["before"], rewards["chosen"], seed=seed, prompts=list(prompts))
+    return {"scores": scores, "rewards": rewards}
 
 
 def judge_table(scores: dict) -> str:
