@@ -358,7 +358,8 @@ def test_online_generation_under_fsdp2_gathers_the_sharded_policy(tiny_model_dir
                   "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())],
                  script=os.path.abspath(__file__), **{
                      "train.online_generations": 2, "train.online_verifier": f"{scorer}:by_length",
-                     "train.online_max_new_tokens": 6, "train.max_steps": 2, "train.eval_steps": 1})
+                     "train.online_max_new_tokens": 6, "train.max_steps": 2, "train.eval_steps": 1,
+                     "train.online_missing_eos_penalty": 0.0})
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     online = [r for r in rows if "online/prompts" in r]

@@ -31,7 +31,8 @@ def kind_overrides(kind: str, model_dir: str, out: str, folder) -> list[str]:
     if kind == "online":
         (folder / "scorer.py").write_text(SCORER)
         extra.update({"train.online_generations": 2, "train.online_verifier": f"{folder / 'scorer.py'}:by_length",
-                      "train.online_max_new_tokens": 6, "train.per_device_train_batch_size": 2})
+                      "train.online_max_new_tokens": 6, "train.per_device_train_batch_size": 2,
+                      "train.online_missing_eos_penalty": 0.0})
     return tiny_overrides(model_dir, out, **extra)
 
 

@@ -49,7 +49,7 @@ def sets_for(world, out, **extra) -> list[str]:
         "data.max_train_samples": 20, "data.max_eval_samples": 4,
         "train.iterative_rounds": 2, "train.online_generations": K, "train.online_verifier": world["scorer"],
         "train.online_max_new_tokens": 8, "train.max_steps": 4, "train.save_steps": 2, "train.save_total_limit": 10,
-        "train.report_to": [], "eval.generation_prompts": 2, **extra})
+        "train.online_missing_eos_penalty": 0.0, "train.report_to": [], "eval.generation_prompts": 2, **extra})
 
 
 def steps(folder: str) -> list[dict]:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, paired_steps, poison_objective, reset_accelerate, tiny_overrides
+from conftest import REPO, build_small_vocab_model, paired_steps, poison_objective, reset_accelerate, tiny_overrides
 from dpo_accel.config.loop_checks import check_online
 from dpo_accel.data.generated import build_pairs, prompt_order
 from dpo_accel.config.errors import RecipeError
@@ -68,6 +68,7 @@ def test_online_run_generates_scores_pairs_and_steps(tmp_path):
     summary = train.run(load_recipe(None, tiny_overrides(model_dir, out, **{
         "train.online_generations": 4, "train.online_verifier": f"{tmp_path / 'scripted.py'}:by_length",
         "train.online_max_new_tokens": 10, "train.max_steps": 2, "train.report_to": [],
+        "train.online_missing_eos_penalty": 0.0,
         "train.export_merged": False})))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [r for r in map(json.loads, f) if "online/pair_share" in r]
@@ -85,6 +86,7 @@ def online_sets(model_dir: str, out: str, scorer: str, **extra) -> list[str]:
     return tiny_overrides(model_dir, out, **{
         "train.online_generations": 3, "train.online_verifier": f"{scorer}:by_length",
         "train.online_max_new_tokens": 8, "train.max_steps": 4, "train.save_steps": 2, "train.save_total_limit": 5,
+        "train.online_missing_eos_penalty": 0.0,
         "train.logging_steps": 1, "train.report_to": [], "eval.do_eval": False, **extra})
 
 
@@ -169,3 +171,67 @@ def test_online_non_finite_step_is_skipped_and_weights_stay_finite(tmp_path, mon
     assert steps[1]["learning_rate"] == steps[2]["learning_rate"]  # the scheduler did not move
     for name, tensor in load_file(os.path.join(out, "model", "model.safetensors")).items():
         assert torch.isfinite(tensor).all(), name
+
+
+def test_an_answer_that_did_not_end_is_left_out_or_scored_down():
+    """train.online_missing_eos_penalty: null leaves a cut answer out of the pick; a number takes it off the score
+    (TRL's missing_eos_penalty), so a finished answer wins over a cut one of the same score."""
+    from dpo_accel.data.generated import best_and_worst, missing_eos_scores
+
+    scores, ended = [3.0, 1.0, 2.0], [False, True, True]
+    assert missing_eos_scores(scores, ended, None) == [None, 1.0, 2.0]
+    assert best_and_worst(["a", "b", "c"], missing_eos_scores(scores, ended, None)) == (2, 1)  # the cut 3.0 is out
+    assert best_and_worst(["a", "b", "c"], missing_eos_scores(scores, ended, 1.5)) == (2, 1)  # 3.0 - 1.5 = 1.5
+    assert best_and_worst(["a", "b", "c"], missing_eos_scores(scores, ended, 0.5)) == (0, 1)
+    assert best_and_worst(["a", "b"], missing_eos_scores([1.0, 2.0], [False, True], None)) is None  # one left
+    assert check_online(load_recipe(None, ["train.online_generations=2", "train.online_verifier=arith",
+                                           "train.online_missing_eos_penalty=1.0"])) is None
+    with pytest.raises(RecipeError, match="online_missing_eos_penalty must be >= 0"):
+        load_recipe(None, ["train.online_generations=2", "train.online_verifier=arith",
+                           "train.online_missing_eos_penalty=-1"])
+
+
+@pytest.mark.parametrize("penalty", [0.0, None])
+def test_online_pairs_are_the_token_ids_the_policy_sampled(penalty, tmp_path, monkeypatch):
+    """A raw-text model (no chat template): each trained row is the prompt's ids as generation saw them plus the
+    answer's sampled ids, its leading space and all, with no EOS added to an answer max_new_tokens cut off; with
+    the penalty null, no cut answer is trained on (the rows left are zero-weight stand-ins)."""
+    from transformers import AutoTokenizer
+
+    from dpo_accel import train
+    from dpo_accel.loops import online
+
+    model_dir = build_small_vocab_model(str(tmp_path / "model"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = None
+    tok.save_pretrained(model_dir)
+    (tmp_path / "scripted.py").write_text(SCORER)
+    sampled, trained = [], []
+    real_generate, real_forward = online.generate_on_every_process, online.OnlineKind.forward
+
+    def generate(*args, **kwargs):
+        out = real_generate(*args, **kwargs)
+        sampled.extend(out)
+        return out
+
+    def forward(self, batch):
+        if batch["weight"]:
+            for ids, mask in zip(batch["chosen_input_ids"], batch["chosen_attention_mask"]):
+                trained.append(ids[mask.bool()].tolist())
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(online, "generate_on_every_process", generate)
+    monkeypatch.setattr(online.OnlineKind, "forward", forward)
+    train.run(load_recipe(None, tiny_overrides(model_dir, str(tmp_path / "run"), **{
+        "train.online_generations": 3, "train.online_verifier": f"{tmp_path / 'scripted.py'}:by_length",
+        "train.online_max_new_tokens": 6, "train.max_steps": 2, "train.report_to": [], "eval.do_eval": False,
+        "train.online_missing_eos_penalty": penalty, "train.export_merged": False})))
+    as_sampled = {s.prompt_ids + s.answer_ids: s for s in sampled}
+    assert all(tuple(row) in as_sampled for row in trained)  # exactly a sampled sequence, nothing re-encoded
+    cut = [as_sampled[tuple(row)] for row in trained if not as_sampled[tuple(row)].ended]
+    assert all(s.answer_ids[-1] != tok.eos_token_id for s in cut)  # no EOS added to a cut answer
+    if penalty is None:
+        assert not cut
+    else:
+        assert trained and cut  # the random model rarely ends within 6 tokens: cut answers were trained on
+        assert any(tok.decode(s.answer_ids[:1]).startswith(" ") for s in sampled)  # leading spaces kept as sampled

@@ -27,6 +27,9 @@ def check_online(recipe) -> Optional[str]:
         return "train.online_generations needs exactly one of train.online_verifier and train.online_reward_model"
     if t.online_temperature <= 0:
         return "train.online_temperature must be > 0 (greedy answers to one prompt would all be the same)"
+    if t.online_missing_eos_penalty is not None and t.online_missing_eos_penalty < 0:
+        return (f"train.online_missing_eos_penalty must be >= 0 (taken off a cut answer's score) or null "
+                f"(cut answers left out), got {t.online_missing_eos_penalty}")
     if t.online_verifier is not None:
         from dpo_accel.evaluation.verifiers import resolve_verifier
 
@@ -62,6 +65,9 @@ def check_iterative(recipe) -> Optional[str]:
         return f"train.iterative_rounds needs exactly one of {SCORER_KEYS} to score the answers"
     if t.online_temperature <= 0:
         return "train.online_temperature must be > 0 (greedy answers to one prompt would all be the same)"
+    if t.online_missing_eos_penalty is not None and t.online_missing_eos_penalty < 0:
+        return (f"train.online_missing_eos_penalty must be >= 0 (taken off a cut answer's score) or null "
+                f"(cut answers left out), got {t.online_missing_eos_penalty}")
     if t.iterative_prompts < 0:
         return f"train.iterative_prompts must be >= 0 (0: every training prompt each round), got {t.iterative_prompts}"
     if t.online_verifier is not None:

@@ -154,6 +154,9 @@ class TrainConfig:
     online_reward_model: Optional[str] = None  # or a one-label sequence classifier scoring the answers
     online_temperature: float = 1.0  # sampling temperature of the online answers
     online_max_new_tokens: int = 32
+    # An online or iterative answer that online_max_new_tokens cut off before a stop token: null: left out of its
+    # prompt's best-vs-worst pick; a number: kept, that number taken off its score (TRL's missing_eos_penalty)
+    online_missing_eos_penalty: Optional[float] = None
     # Iterative DPO (dpo_accel/loops/iterative.py): R rounds, each sampling train.online_generations (k) answers per training
     # prompt with the current policy (online_temperature, online_max_new_tokens), scoring them (online_verifier or
     # online_reward_model), writing best vs worst as <output_dir>/round_<r>/data and training an offline run on it
@@ -293,7 +296,7 @@ def validate(recipe: Recipe) -> Recipe:
 
 def check_numbers(recipe: Recipe) -> None:
     """Values that can only train NaN or never act: a non-finite number anywhere, an interval of 0 that
-    would divide, a probability out of range, a negative seed (one line each)."""
+    would divide, a probability out of range, a negative seed, no tokenisation workers (one line each)."""
     import math
 
     for section, values in recipe_to_dict(recipe).items():
@@ -315,6 +318,9 @@ def check_numbers(recipe: Recipe) -> None:
         raise RecipeError(f"train.seed must be >= 0, got {t.seed}")
     if t.max_grad_norm < 0:
         raise RecipeError(f"train.max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}")
+    if recipe.data.num_proc is not None and recipe.data.num_proc < 1:
+        raise RecipeError(f"data.num_proc must be null or at least 1 (tokenisation workers for datasets.map), "
+                          f"got {recipe.data.num_proc}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

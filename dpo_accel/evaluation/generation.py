@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from dpo_accel.model.distributed import gathered_copy, is_sharded, one_process_zero3_off
 from dpo_accel.outputs.console import log
 
-__all__ = ["behaviour_scores", "generate_answers", "generate_on_every_process", "generation_report"]
+__all__ = ["Sampled", "behaviour_scores", "generate_answers", "generate_on_every_process", "generation_report"]
 
 
 def gathered_policy(accelerator, model):
@@ -81,10 +82,12 @@ def generate_on_every_process(accelerator, model, tokenizer, prompts: list, max_
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16,
                      autocast=None, temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
-                     seed: int = 0) -> list[str]:
-    """Answers (decoded, special tokens dropped) for `prompts`, tokenised exactly as in training
+                     seed: int = 0, return_tokens: bool = False) -> list:
+    """Answers (decoded, special tokens dropped, stripped) for `prompts`, tokenised exactly as in training
     (`data.tokenize.prompt_input_ids`) and left-padded in batches: greedy at temperature 0, else sampled
-    (`num_return_sequences` per prompt, consecutive; seeded, the caller's RNG state left as it was)."""
+    (`num_return_sequences` per prompt, consecutive; seeded, the caller's RNG state left as it was).
+    With `return_tokens`, each answer is a `Sampled`: its text, and the token ids the model sampled (up to
+    and with its first stop token; none appended where it stopped for max_new_tokens)."""
     from dpo_accel.data.tokenize import prompt_input_ids
 
     was_training, use_cache = model.training, model.config.use_cache
@@ -110,11 +113,35 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
                     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
                                          **sample)
-                answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                texts = [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+                if not return_tokens:
+                    answers += texts
+                    continue
+                step = len(rows) and out.shape[0] // len(rows)  # num_return_sequences rows per prompt
+                answers += [sampled(text, rows[i // step], out[i, width:].tolist(), stops)
+                            for i, text in enumerate(texts)]
         finally:
             model.config.use_cache = use_cache
             model.train(was_training)
-    return [a.strip() for a in answers]
+    return answers
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One sampled answer as the model produced it: the prompt's ids as generation saw them, the answer's ids
+    (with the stop token that ended it, if one did) and its text for scorers."""
+
+    text: str
+    prompt_ids: tuple
+    answer_ids: tuple
+    ended: bool  # a stop token ended it (False: max_new_tokens cut it off)
+
+
+def sampled(text: str, prompt_ids: list, generated: list, stops: list) -> Sampled:
+    """The answer's ids up to and with its first stop token (what follows it is padding)."""
+    end = next((j for j, t in enumerate(generated) if t in stops), None)
+    ids = generated if end is None else generated[:end + 1]
+    return Sampled(text, tuple(prompt_ids), tuple(ids), end is not None)
 
 
 def stop_tokens(model, tokenizer) -> list[int]:

@@ -53,7 +53,7 @@ import numpy as np
 from dpo_accel.config.plan import preflight
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.schema import Recipe
-from dpo_accel.data.generated import build_pairs, prompt_order
+from dpo_accel.data.generated import build_pairs, missing_eos_scores, prompt_order
 from dpo_accel.evaluation.verifiers import answer_scorer
 from dpo_accel.loops.engine import build_accelerator
 from dpo_accel.loops.offline import run_offline
@@ -159,15 +159,18 @@ def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
     mine = []
     for j in range(accelerator.process_index, -(-len(prompts) // CHUNK), accelerator.num_processes):
         group = prompts[j * CHUNK:(j + 1) * CHUNK]
-        answers = generate_answers(model, tokenizer, group, t.online_max_new_tokens, batch_size=CHUNK,
+        sampled = generate_answers(model, tokenizer, group, t.online_max_new_tokens, batch_size=CHUNK,
                                    autocast=accelerator.autocast, temperature=t.online_temperature,
-                                   num_return_sequences=k, seed=_seed(t.seed, r, j))
+                                   num_return_sequences=k, seed=_seed(t.seed, r, j), return_tokens=True)
+        answers, ended = [a.text for a in sampled], [a.ended for a in sampled]
         flat = [float(x) for x in score([p for p in group for _ in range(k)], answers)]
         if len(flat) != len(answers):
             raise RecipeError(f"the scorer ({SCORER_KEYS}) returned {len(flat)} scores for {len(answers)} answers; "
                               "it must return one number per answer")
+        picked = missing_eos_scores(flat, ended, t.online_missing_eos_penalty)  # a cut answer: left out or scored down
         mine.append({"chunk": j, "answers": [answers[i * k:(i + 1) * k] for i in range(len(group))],
-                     "scores": [flat[i * k:(i + 1) * k] for i in range(len(group))]})
+                     "scores": [flat[i * k:(i + 1) * k] for i in range(len(group))],
+                     "picked": [picked[i * k:(i + 1) * k] for i in range(len(group))]})
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -175,7 +178,7 @@ def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
     chunks = sorted(gather_object(mine), key=lambda c: c["chunk"])  # every process gets every chunk
     groups = [a for c in chunks for a in c["answers"]]
     scores = [s for c in chunks for s in c["scores"]]
-    pairs, skipped = build_pairs(prompts, groups, scores)
+    pairs, skipped = build_pairs(prompts, groups, [s for c in chunks for s in c["picked"]])
     flat = np.asarray([s for group in scores for s in group], dtype=np.float64)
     info = {"round": r, "model": model_cfg.model_name_or_path, "prompts": len(prompts), "generations": k,
             "pairs": len(pairs), "skipped": skipped, "pair_share": len(pairs) / max(len(prompts), 1),

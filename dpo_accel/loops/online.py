@@ -11,8 +11,11 @@ the offline run's; what differs is where a micro-batch comes from. Per micro-ste
 ``per_device_train_batch_size`` prompts of the training split (a seeded order, one pass after another),
 k sampled answers each (``train.online_temperature``, ``train.online_max_new_tokens``), scored by
 ``train.online_verifier`` or ``train.online_reward_model`` (dpo_accel/evaluation/verifiers.py); a prompt whose
-answers all score the same gives no pair and is counted (``online/skipped``). The pairs are tokenised as
-training data and take the usual forward, reference log-probs and objective. Logged besides the usual
+answers all score the same gives no pair and is counted (``online/skipped``). A pair trains on the token
+ids the policy sampled (the prompt's ids as generation saw them, each answer's ids up to and with its stop
+token: no EOS is added to an answer ``online_max_new_tokens`` cut off; ``train.online_missing_eos_penalty``
+says whether such an answer is left out of the pick or scored down, see dpo_accel/data/generated.py), cut by
+the data's truncation rule, and takes the usual forward, reference log-probs and objective. Logged besides the usual
 metrics: ``online/score_mean``, ``online/score_max``, ``online/pair_share`` (share of prompts that gave a
 pair), ``online/skipped``.
 
@@ -29,8 +32,7 @@ import torch
 from dpo_accel.config.plan import Plan
 from dpo_accel.data.collate import PreferenceCollator
 from dpo_accel.data.formats import load_preference_splits
-from dpo_accel.data.generated import build_pairs, prompt_order
-from dpo_accel.data.tokenize import keep_row, prepended_bos, tokenize_row
+from dpo_accel.data.generated import best_and_worst, missing_eos_scores, prompt_order, sampled_pair_row
 from dpo_accel.evaluation.generation import generate_on_every_process
 from dpo_accel.evaluation.metrics import example_metrics, token_counts
 from dpo_accel.evaluation.verifiers import answer_scorer
@@ -48,7 +50,7 @@ class OnlineKind:
         recipe, self.run = run.plan.recipe, run
         self.prompts_all = load_preference_splits(recipe.data, recipe.train.seed)["train"]["prompt"]
         self.score = answer_scorer(recipe.train, run.accelerator.device)
-        self.collator, self.auto_bos = PreferenceCollator(run.tokenizer.pad_token_id), prepended_bos(run.tokenizer)
+        self.collator = PreferenceCollator(run.tokenizer.pad_token_id)
         self.window = Window()
 
     def batches(self, engine):
@@ -62,30 +64,32 @@ class OnlineKind:
             position += per_step
 
     def micro_batch(self, mine: int) -> dict:
-        """This process's prompts from position `mine`: k answers each, scored, paired, tokenised, collated."""
+        """This process's prompts from position `mine`: k sampled answers each, scored, the best and worst of
+        each prompt as a row of the token ids the policy sampled, collated."""
         run, t, per_device = self.run, self.run.plan.recipe.train, self.run.plan.geometry.per_device
         k = t.online_generations
         prompts = [self.prompts_all[i] for i in prompt_order(len(self.prompts_all), t.seed, mine, per_device)]
         answers = generate_on_every_process(run.accelerator, run.model, run.tokenizer, prompts,
-                                            t.online_max_new_tokens, seed=t.seed + mine,
+                                            t.online_max_new_tokens, seed=t.seed + mine, return_tokens=True,
                                             temperature=t.online_temperature, num_return_sequences=k)
-        groups = [answers[i * k:(i + 1) * k] for i in range(len(prompts))]
-        flat = [float(x) for x in self.score([p for p in prompts for _ in range(k)], answers)]
-        pairs, skipped = build_pairs(prompts, groups, [flat[i * k:(i + 1) * k] for i in range(len(prompts))])
-        rows = self.tokenized(pairs, keep_row)
+        flat = [float(x) for x in self.score([p for p in prompts for _ in range(k)], [a.text for a in answers])]
+        picked = missing_eos_scores(flat, [a.ended for a in answers], t.online_missing_eos_penalty)
+        rows, skipped = [], 0
+        for i in range(len(prompts)):
+            group, scores = answers[i * k:(i + 1) * k], picked[i * k:(i + 1) * k]
+            pick = best_and_worst([a.text for a in group], scores)
+            row = pick and sampled_pair_row(group[0].prompt_ids, group[pick[0]].answer_ids,
+                                            group[pick[1]].answer_ids, run.plan.recipe.data)
+            skipped += pick is None
+            if row:
+                rows.append({**row, "idx": len(rows)})
         kept, weight = len(rows), len(rows) / per_device  # a prompt without a pair adds nothing
         if not rows:  # a stand-in pair (two of the answers) so this process joins the step's all-reduce
-            stand_in = [{"prompt": prompts[0], "chosen": groups[0][0], "rejected": groups[0][-1]}]
-            rows = self.tokenized(stand_in, lambda status: True)
+            rows = [{**sampled_pair_row(answers[0].prompt_ids, answers[0].answer_ids, answers[-1].answer_ids,
+                                        run.plan.recipe.data, keep_any=True), "idx": 0}]
         self.window.add(len(prompts), kept, skipped, flat)
         batch = {key: v.to(run.accelerator.device) for key, v in self.collator(rows).items()}
         return {**batch, "weight": weight}
-
-    def tokenized(self, pairs: list[dict], keep) -> list[dict]:
-        d, tokenizer = self.run.plan.recipe.data, self.run.tokenizer
-        rows = [tokenize_row(p, i, tokenizer, d.max_length, d.max_prompt_length, d.truncation_mode, True,
-                             self.auto_bos, "online") for i, p in enumerate(pairs)]
-        return [{**r, "idx": i} for i, r in enumerate(rows) if keep(r["_status"])]
 
     def forward(self, batch: dict) -> torch.Tensor:
         run, weight = self.run, batch.pop("weight")
