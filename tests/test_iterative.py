@@ -139,13 +139,39 @@ def test_pairs_are_best_versus_worst_and_round_data_is_a_preference_dataset(worl
             if chosen.strip() != rejected.strip():
                 expected.append({"prompt": g["prompt"], "chosen": chosen, "rejected": rejected,
                                  "score_chosen": best, "score_rejected": worst})
-    assert pairs == expected
+    sampled = ("prompt_ids", "chosen_ids", "rejected_ids")
+    assert [{k: v for k, v in p.items() if k not in sampled} for p in pairs] == expected
     splits = load_preference_splits(DataConfig(dataset_name=os.path.join(folder, "data")), seed=0)
     assert splits["train"]["chosen"] == [p["chosen"] for p in pairs]
     original = load_preference_splits(DataConfig(dataset_name=os.path.join(REPO, "data", "arith_prefs"),
                                                  max_train_samples=20, max_eval_samples=4), seed=42)
     assert splits["eval"].to_list() == original["eval"].to_list()  # the held-out split, as the recipe loads it
     assert [g["prompt"] for g in groups] == list(original["train"]["prompt"])  # iterative_prompts 0: every prompt
+
+
+def test_a_rounds_pairs_train_on_the_token_ids_the_policy_sampled(world, straight):
+    """Each pair of round data keeps the ids the policy sampled (the prompt as generation saw it, each answer up
+    to its stop token) and tokenisation takes them as they are: no re-encoding of the decoded text, no EOS added
+    to an answer max_new_tokens cut off (these runs keep cut answers: train.online_missing_eos_penalty 0)."""
+    from transformers import AutoTokenizer
+
+    from dpo_accel.config.schema import DataConfig
+    from dpo_accel.data.formats import load_preference_splits
+    from dpo_accel.data.tokenize import tokenize_splits
+
+    folder = straight["rounds"][0]
+    with open(os.path.join(folder, "data", "train.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    for p in pairs:
+        assert tok.decode(p["chosen_ids"], skip_special_tokens=True).strip() == p["chosen"]
+        assert p["chosen_ids"][-1] == tok.eos_token_id or len(p["chosen_ids"]) == 8  # ended, or cut (no EOS added)
+    assert any(p["chosen_ids"][-1] != tok.eos_token_id for p in pairs)  # penalty 0.0 here: cut answers are in
+    d = DataConfig(dataset_name=os.path.join(folder, "data"), max_length=512, max_prompt_length=256)
+    tokenized, _ = tokenize_splits(load_preference_splits(d, seed=0), tok, d)
+    rows = tokenized["train"]
+    assert [r["chosen_input_ids"] for r in rows] == [p["prompt_ids"] + p["chosen_ids"] for p in pairs]
+    assert [r["rejected_input_ids"] for r in rows] == [p["prompt_ids"] + p["rejected_ids"] for p in pairs]
 
 
 @pytest.mark.slow

@@ -66,6 +66,11 @@ _CODE_HASH = hashlib.sha256(b"".join(
     for name in ("formats.py", "tokenize.py"))).hexdigest()[:16]
 
 
+# Token ids a row may carry besides its text (the pairs an iterative round sampled): tokenisation then takes them
+# as they are instead of encoding the text again (which could differ: a raw-text answer's leading space, an EOS).
+SAMPLED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
 class DataError(RecipeError):
     """A dataset problem a person must fix (bad path, row or column); one line saying what and how."""
 
@@ -560,7 +565,7 @@ def _normalise_pair(row: dict, i: int, fmt: str, split: str) -> dict:
 
 def normalise_split(ds, fmt: str = "auto", split: str = "train"):
     """Rows of any supported format -> prompt/chosen/rejected rows (other columns dropped but a reward dataset's
-    ``margin``).
+    ``margin`` and, on explicit rows, the sampled token ids of `SAMPLED_COLUMNS`).
 
     Checks every row first (column present, right type, non-empty answer) and raises a one-line
     DataError naming the row index and the column. Cached by datasets like any map.
@@ -581,6 +586,9 @@ def normalise_split(ds, fmt: str = "auto", split: str = "train"):
                  remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=f"normalise {split} ({fmt})")
     if "margin" in cols:  # a reward dataset's per-pair margin (TRL's RewardTrainer), read by loss_type bradley_terry
         out = out.add_column("margin", ds["margin"], new_fingerprint=content_hash("margin", fingerprint))
+    if fmt == "explicit" and cols.issuperset(SAMPLED_COLUMNS):  # pairs an iterative round sampled: their token ids
+        for col in SAMPLED_COLUMNS:
+            out = out.add_column(col, ds[col], new_fingerprint=content_hash(col, out._fingerprint))
     return out
 
 

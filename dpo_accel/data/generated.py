@@ -40,18 +40,26 @@ def best_and_worst(texts: Sequence[str], scores: Sequence[Optional[float]]) -> O
     return best, worst
 
 
-def build_pairs(prompts: list, answers: list[list[str]], scores: list[list]) -> tuple[list[dict], int]:
+def build_pairs(prompts: list, answers: list[list[str]], scores: list[list],
+                tokens: Optional[list[list]] = None) -> tuple[list[dict], int]:
     """(pairs, skipped): per prompt its best-scored answer as chosen and its worst as rejected (`best_and_worst`);
-    a prompt without such a pair is skipped and counted."""
+    a prompt without such a pair is skipped and counted. With `tokens` (per prompt, its answers' `Sampled`:
+    prompt_ids and answer_ids), each pair also holds the ids the policy sampled (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``), which training then uses instead of re-tokenising the text."""
     pairs, skipped = [], 0
-    for prompt, group, score in zip(prompts, answers, scores):
+    for n, (prompt, group, score) in enumerate(zip(prompts, answers, scores)):
         pick = best_and_worst(group, score)
         if pick is None:
             skipped += 1
             continue
         best, worst = pick
-        pairs.append({"prompt": prompt, "chosen": group[best], "rejected": group[worst],
-                      "score_chosen": float(score[best]), "score_rejected": float(score[worst])})
+        pair = {"prompt": prompt, "chosen": group[best], "rejected": group[worst],
+                "score_chosen": float(score[best]), "score_rejected": float(score[worst])}
+        if tokens is not None:
+            sampled = tokens[n]
+            pair.update(prompt_ids=list(sampled[best].prompt_ids), chosen_ids=list(sampled[best].answer_ids),
+                        rejected_ids=list(sampled[worst].answer_ids))
+        pairs.append(pair)
     return pairs, skipped
 
 

@@ -168,7 +168,11 @@ def tokenize_row(row: dict, i: int, tokenizer, max_length: int, max_prompt_lengt
     """
     unpaired = paired and "label" in row
     answers = [row["chosen"], row["rejected"]] if paired else [row["chosen"]]
-    prompt_ids, answer_ids = encode_example(tokenizer, row["prompt"], answers, f"row {i} of split '{split}'", auto_bos)
+    if paired and row.get("prompt_ids") is not None:  # sampled ids (an iterative round's pairs): taken as they are
+        prompt_ids, answer_ids = list(row["prompt_ids"]), [list(row["chosen_ids"]), list(row["rejected_ids"])]
+    else:
+        prompt_ids, answer_ids = encode_example(tokenizer, row["prompt"], answers, f"row {i} of split '{split}'",
+                                                auto_bos)
     if unpaired:
         raw_length = len(prompt_ids) + len(answer_ids[0])
         prompt_ids, completion, kl, truncated = truncate_unpaired(prompt_ids, *answer_ids, max_length,

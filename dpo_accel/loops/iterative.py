@@ -130,6 +130,32 @@ def round_prompts(prompts_all: list, t, r: int) -> list:
     return [prompts_all[i] for i in prompt_order(len(prompts_all), t.seed, (r - 1) * n, n)]
 
 
+def sample_chunks(recipe: Recipe, r: int, accelerator, model, tokenizer, prompts: list) -> list[dict]:
+    """This process's chunks of round r's prompts (chunk j on process j mod processes): each prompt's k sampled
+    answers (text and ids), their scores, and the scores the pick reads (train.online_missing_eos_penalty)."""
+    from dpo_accel.evaluation.generation import generate_answers
+
+    t = recipe.train
+    score, k = answer_scorer(t, accelerator.device), t.online_generations
+    mine = []
+    for j in range(accelerator.process_index, -(-len(prompts) // CHUNK), accelerator.num_processes):
+        group = prompts[j * CHUNK:(j + 1) * CHUNK]
+        sampled = generate_answers(model, tokenizer, group, t.online_max_new_tokens, batch_size=CHUNK,
+                                   autocast=accelerator.autocast, temperature=t.online_temperature,
+                                   num_return_sequences=k, seed=_seed(t.seed, r, j), return_tokens=True)
+        answers, ended = [a.text for a in sampled], [a.ended for a in sampled]
+        flat = [float(x) for x in score([p for p in group for _ in range(k)], answers)]
+        if len(flat) != len(answers):
+            raise RecipeError(f"the scorer ({SCORER_KEYS}) returned {len(flat)} scores for {len(answers)} answers; "
+                              "it must return one number per answer")
+        picked = missing_eos_scores(flat, ended, t.online_missing_eos_penalty)  # a cut answer: left out or scored down
+        mine.append({"chunk": j, "answers": [answers[i * k:(i + 1) * k] for i in range(len(group))],
+                     "scores": [flat[i * k:(i + 1) * k] for i in range(len(group))],
+                     "picked": [picked[i * k:(i + 1) * k] for i in range(len(group))],
+                     "tokens": [sampled[i * k:(i + 1) * k] for i in range(len(group))]})
+    return mine
+
+
 def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
     """Sample, score and pair round r's prompts (every process its chunks); the main process writes the round's
     answers.jsonl, generation.json and data/; every process returns generation.json's content."""
@@ -137,7 +163,6 @@ def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
     from accelerate.utils import gather_object
 
     from dpo_accel.data.formats import load_preference_splits
-    from dpo_accel.evaluation.generation import generate_answers
     from dpo_accel.outputs.files import atomic_write
     from dpo_accel.model.loading import load_causal_lm, load_tokenizer, merge_adapter, resolve_model_path
     from dpo_accel.outputs.metrics_log import strict_json
@@ -154,23 +179,9 @@ def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
     if init_adapter:
         model = merge_adapter(model, init_adapter, path)
     model = model.to(accelerator.device).eval().requires_grad_(False)
-    score, k = answer_scorer(recipe.train, accelerator.device), t.online_generations
-    log(f"round {r}: generating {k} answers to each of {len(prompts)} prompts with {model_cfg.model_name_or_path}")
-    mine = []
-    for j in range(accelerator.process_index, -(-len(prompts) // CHUNK), accelerator.num_processes):
-        group = prompts[j * CHUNK:(j + 1) * CHUNK]
-        sampled = generate_answers(model, tokenizer, group, t.online_max_new_tokens, batch_size=CHUNK,
-                                   autocast=accelerator.autocast, temperature=t.online_temperature,
-                                   num_return_sequences=k, seed=_seed(t.seed, r, j), return_tokens=True)
-        answers, ended = [a.text for a in sampled], [a.ended for a in sampled]
-        flat = [float(x) for x in score([p for p in group for _ in range(k)], answers)]
-        if len(flat) != len(answers):
-            raise RecipeError(f"the scorer ({SCORER_KEYS}) returned {len(flat)} scores for {len(answers)} answers; "
-                              "it must return one number per answer")
-        picked = missing_eos_scores(flat, ended, t.online_missing_eos_penalty)  # a cut answer: left out or scored down
-        mine.append({"chunk": j, "answers": [answers[i * k:(i + 1) * k] for i in range(len(group))],
-                     "scores": [flat[i * k:(i + 1) * k] for i in range(len(group))],
-                     "picked": [picked[i * k:(i + 1) * k] for i in range(len(group))]})
+    log(f"round {r}: generating {t.online_generations} answers to each of {len(prompts)} prompts with "
+        f"{model_cfg.model_name_or_path}")
+    mine = sample_chunks(recipe, r, accelerator, model, tokenizer, prompts)
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -178,9 +189,11 @@ def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
     chunks = sorted(gather_object(mine), key=lambda c: c["chunk"])  # every process gets every chunk
     groups = [a for c in chunks for a in c["answers"]]
     scores = [s for c in chunks for s in c["scores"]]
-    pairs, skipped = build_pairs(prompts, groups, [s for c in chunks for s in c["picked"]])
+    pairs, skipped = build_pairs(prompts, groups, [s for c in chunks for s in c["picked"]],
+                                 [s for c in chunks for s in c["tokens"]])  # each pair keeps its sampled ids
     flat = np.asarray([s for group in scores for s in group], dtype=np.float64)
-    info = {"round": r, "model": model_cfg.model_name_or_path, "prompts": len(prompts), "generations": k,
+    info = {"round": r, "model": model_cfg.model_name_or_path, "prompts": len(prompts),
+            "generations": t.online_generations,
             "pairs": len(pairs), "skipped": skipped, "pair_share": len(pairs) / max(len(prompts), 1),
             "score_mean": float(flat.mean()), "score_max": float(flat.max()),
             "chosen_score_mean": float(np.mean([p["score_chosen"] for p in pairs])) if pairs else None,
@@ -205,7 +218,8 @@ def generate_round(recipe: Recipe, r: int, accelerator) -> dict:
                     _write_jsonl(os.path.join(tmp, "eval.jsonl"), splits["eval"].to_list())
     accelerator.wait_for_everyone()
     if not pairs:
-        raise RecipeError(f"round {r}: none of the {len(prompts)} prompts gave a pair (all {k} answers of each scored "
+        raise RecipeError(f"round {r}: none of the {len(prompts)} prompts gave a pair (all {t.online_generations} "
+                          f"answers of each scored "
                           f"the same; {folder}/answers.jsonl has them); raise train.online_generations or "
                           "train.online_temperature, or use a scorer that tells the answers apart")
     log(f"round {r}: {len(pairs)} pairs from {len(prompts)} prompts ({skipped} skipped), score mean "
