@@ -7,6 +7,7 @@ through a real `accelerate launch -q`, where the launcher's own exit code (1) is
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -14,11 +15,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.model import loading as modeling
+from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.load import load_recipe
+from dpo_accel.config.plan import preflight
+from dpo_accel.outputs.checkpoints import load_checkpoint
 
 ROWS = [{"prompt": f"What is {i} + {i}?", "chosen": f"{i} + {i} = {2 * i}.", "rejected": f"It is {2 * i + 1}."}
         for i in range(12)]
@@ -59,6 +64,13 @@ def world(tiny_model_dir, tmp_path_factory):
             shutil.copy(os.path.join(tiny_model_dir, name), pickled / name)
     (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
     d["pickled"] = str(pickled)
+    cut = root / "cut_model"  # a copy cut short: model.safetensors holds half its bytes
+    shutil.copytree(tiny_model_dir, cut)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    d["cut_model"] = str(cut)
+    (root / "list_recipe.yaml").write_text("- model: {model_name_or_path: x}\n- train: {max_steps: 2}\n")
+    d["list_recipe"] = str(root / "list_recipe.yaml")
     gguf = root / "truncated.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
     d["gguf"] = str(gguf)
@@ -74,7 +86,28 @@ def world(tiny_model_dir, tmp_path_factory):
     checkpoint = os.path.join(broken, "checkpoints", "checkpoint-0000002")
     os.remove(os.path.join(checkpoint, "optimizer.bin"))
     d["broken"] = broken
+    for gone in UNLISTED:  # checkpoints whose state file lists no files (an older version's, or copied by hand)
+        folder = str(root / f"unlisted_{stem(gone)}")
+        shutil.copytree(run, folder)
+        checkpoint = os.path.join(folder, "checkpoints", "checkpoint-0000002")
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            state = json.load(f)
+        del state["files"]
+        with open(os.path.join(checkpoint, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+        os.remove(os.path.join(checkpoint, gone))
+        d[f"unlisted_{stem(gone)}"] = folder
     return d
+
+
+UNLISTED = ("recipe.yaml", "optimizer.bin", "model.safetensors")
+
+
+def stem(name: str) -> str:
+    return name.split(".")[0]
+
+
+KEPT = ("run", "broken", *(f"unlisted_{stem(gone)}" for gone in UNLISTED))  # run folders every case leaves as they were
 
 
 def snapshot(folder: str) -> dict:
@@ -159,7 +192,27 @@ CASES = [
     ("resume broken checkpoint", ["train.output_dir={broken}"], ["--resume"], "optimizer.bin is missing", "recipe"),
     ("resume max_steps below", ["train.output_dir={run}", "train.max_steps=1"], ["--resume"],
      "train.max_steps 1 is below", "recipe"),
+    ("resume unlisted without recipe", ["train.output_dir={unlisted_recipe}"], ["--resume"],
+     "checkpoint-0000002 is damaged: recipe.yaml is missing", "recipe"),
+    ("resume unlisted without optimizer", ["train.output_dir={unlisted_optimizer}"], ["--resume"],
+     "checkpoint-0000002 is damaged: optimizer.bin is missing", "recipe"),
+    ("resume unlisted without weights", ["train.output_dir={unlisted_model}"], ["--resume"],
+     "checkpoint-0000002 is damaged: its weights (model.safetensors or pytorch_model.bin) are missing", "recipe"),
+    ("output dir under a file", ["train.output_dir={good}/run"], [], "above it is a file, not a folder", "recipe"),
+    ("output dir is a file", ["train.output_dir={good}"], [], "is a file, not a folder", "recipe"),
+    # the recipe file, the model files, the machine
+    ("recipe top level list", [], ["--recipe", "{list_recipe}"], "must be a YAML mapping of sections", "recipe"),
+    ("num_proc 0", ["data.num_proc=0"], [], "data.num_proc must be null or at least 1", "recipe"),
+    ("model safetensors truncated", ["model.model_name_or_path={cut_model}"], [], "is truncated or damaged",
+     "recipe"),
 ]
+# What this machine lacks: flash-attn (not installed), a GPU (fp16 autocast on the CPU does nothing).
+if importlib.util.find_spec("flash_attn") is None:
+    CASES.append(("flash-attn not installed", ["model.attn_implementation=flash_attention_2"], [],
+                  "pip install flash-attn (CUDA GPUs only), or set model.attn_implementation: sdpa", "recipe"))
+if not torch.cuda.is_available():
+    CASES.append(("fp16 on the cpu", ["train.mixed_precision=fp16"], [], "set train.mixed_precision: bf16 (or no)",
+                  "recipe"))
 
 
 @pytest.fixture
@@ -176,8 +229,8 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(case, world, tmp_path, capsys, no_weights):
     name, sets, flags, expected, about = case
-    sets = [s.format(**world) for s in sets]
-    folders = {k: snapshot(world[k]) for k in ("run", "broken")}
+    sets, flags = [s.format(**world) for s in sets], [f.format(**world) for f in flags]
+    folders = {k: snapshot(world[k]) for k in KEPT}
     capsys.readouterr()
     rc = train.main(args_for(world, str(tmp_path / "new"), sets, flags))
     err = capsys.readouterr().err
@@ -188,6 +241,7 @@ def test_bad_input_is_one_line_exit_2(case, world, tmp_path, capsys, no_weights)
     if about in ("recipe", "data"):
         assert not no_weights, f"weights loaded before refusing: {lines[0]}"
     assert {k: snapshot(world[k]) for k in folders} == folders  # byte for byte
+    assert not os.path.exists(tmp_path / "new")  # no half-made run folder
 
 
 def test_no_recipe_is_refused_not_a_silent_default_run(tmp_path, capsys, monkeypatch, no_weights):
@@ -204,6 +258,52 @@ def test_no_recipe_is_refused_not_a_silent_default_run(tmp_path, capsys, monkeyp
     assert "is not valid YAML" in capsys.readouterr().err
     assert not no_weights and os.listdir(tmp_path) == ["list.yaml", "bad.yaml"] or \
         sorted(os.listdir(tmp_path)) == ["bad.yaml", "list.yaml"]
+
+
+def test_output_dir_that_cannot_be_written_is_refused_before_any_model_load(world, tmp_path, capsys, monkeypatch,
+                                                                           no_weights):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real = os.access  # root writes whatever the mode bits say: the folder is read-only for this test's process
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if (
+        os.path.abspath(path) == str(locked) and mode & os.W_OK) else real(path, mode, *a, **k))
+    try:
+        assert train.main(args_for(world, str(locked / "run"))) == 2
+        err = capsys.readouterr().err
+        assert f"'{locked}' is not writable" in err and err.count("error:") == 1 and "Traceback" not in err
+        assert not no_weights and os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_fp16_is_refused_on_the_cpu_and_kept_on_cuda(tmp_path, monkeypatch):
+    recipe = load_recipe(None, tiny_overrides("unused-model", str(tmp_path / "run"), **{"train.mixed_precision": "fp16"}))
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if getattr(torch, "xpu", None) is not None:
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="train.mixed_precision is fp16 but this run is on the CPU"):
+        preflight(recipe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert preflight(recipe).recipe.train.mixed_precision == "fp16"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # a CPU launch on a GPU machine
+    with pytest.raises(RecipeError, match="fp16 autocast does nothing"):
+        preflight(recipe)
+
+
+def test_a_checkpoint_file_missing_at_load_is_one_line(tmp_path):
+    """What check_complete cannot know ahead (a layout it does not list) still ends in one line, not a traceback."""
+    class Accelerator:
+        def load_state(self, path):
+            open(os.path.join(path, "optimizer.bin"), "rb")
+
+    checkpoint = tmp_path / "checkpoint-0000002"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    with pytest.raises(RecipeError, match="checkpoint-0000002 is damaged: optimizer.bin is missing; remove"):
+        load_checkpoint(Accelerator(), str(checkpoint))
 
 
 def test_fsdp_launch_on_cpu_is_refused_before_any_model_load(world, tmp_path, capsys, monkeypatch, no_weights):

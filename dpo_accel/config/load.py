@@ -86,7 +86,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def yaml_kind(value: Any) -> str:
+    """How a YAML reader would name `value`'s kind: list, string, number, ..."""
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe must be a YAML mapping of sections (model:, data:, train:, ...), not a "
+                          f"{yaml_kind(raw)}")
     keys = all_keys()
     for text in overrides:
         key, value = parse_override(text)
@@ -118,6 +127,9 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):  # a list or a bare value at the top level
+            raise RecipeError(f"recipe file '{path}' must be a YAML mapping of sections (model:, data:, train:, ...), "
+                              f"not a {yaml_kind(raw)}; write each section as `name:` at the start of a line")
         from dpo_accel.config.handbook import sectioned
 
         raw = sectioned(raw, path)  # a flat alignment-handbook / TRL recipe -> our sections, mapping printed

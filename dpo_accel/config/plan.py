@@ -4,8 +4,9 @@
 
 It runs the recipe's cross-field rules (``config.schema.validate``, with each loop kind's rules from
 ``config.loop_checks``), the objective's (``objectives.registry.plan_loss``), the speed options this machine can
-run (``model.speed.check_speed_options``), the reference mode, the output folder (a new run never lands in an old
-one's folder; ``--resume`` needs a complete checkpoint) and, on ``--resume``, that the checkpoint was written at
+run (``model.speed.check_speed_options``) and what this machine lacks (``check_machine``: flash-attn, a GPU for fp16),
+the reference mode, the output folder (it can be made and written; a new run never lands in an old one's folder;
+``--resume`` needs a complete checkpoint) and, on ``--resume``, that the checkpoint was written at
 the same data position. Checks that need more come later, each as soon as what it needs exists: the launch
 (``model.distributed.check_launch``, once the Accelerator exists) and the data (``check_resume_data``, once the
 training split is tokenised).
@@ -96,6 +97,7 @@ def preflight(recipe: Recipe, resume: bool = False, processes: Optional[int] = N
     validate(recipe)  # load_recipe ran it; a recipe built in Python may not have
     objective = plan_loss(recipe.loss)
     check_speed_options(recipe)
+    check_machine(recipe)
     mode = resolve_mode(recipe, objective.needs_reference)
     t = recipe.train
     geometry = Geometry(t.per_device_train_batch_size, t.gradient_accumulation_steps,
@@ -117,9 +119,65 @@ def with_geometry(recipe: Recipe, geometry: Geometry) -> Recipe:
     return recipe
 
 
+def on_gpu() -> bool:
+    """Whether the run gets a GPU (CUDA, XPU or Apple MPS), not a launch forced onto the CPU."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or torch.backends.mps.is_available())
+
+
+def check_machine(recipe: Recipe) -> None:
+    """What this machine must have for the recipe: flash-attn for flash_attention_2, a GPU for fp16 autocast
+    (on the CPU it silently does nothing)."""
+    import importlib.util
+
+    gpu = on_gpu()
+    if recipe.model.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RecipeError("model.attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                              "installed: pip install flash-attn (CUDA GPUs only), or set model.attn_implementation: sdpa")
+        if not gpu:
+            raise RecipeError("model.attn_implementation flash_attention_2 runs on CUDA GPUs only and this run has "
+                              "none; set model.attn_implementation: sdpa")
+    precision = recipe.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision == "fp16" and not gpu:
+        source = "train.mixed_precision" if recipe.train.mixed_precision else "the launch config's mixed_precision"
+        raise RecipeError(f"{source} is fp16 but this run is on the CPU (no CUDA GPU), where fp16 autocast does nothing; "
+                          "set train.mixed_precision: bf16 (or no) on the CPU")
+
+
+def check_writable(out: str) -> None:
+    """`out` is a folder, or can be made one: no file in the way, the nearest existing folder above it
+    writable (tried with an empty folder made and removed there, so nothing is left behind)."""
+    import tempfile
+
+    where = "train.output_dir '" + out + "'"
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise RecipeError(f"{where} is a file, not a folder; set train.output_dir to a folder path")
+    above = os.path.abspath(out)
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise RecipeError(f"{where} cannot be made: '{above}' above it is a file, not a folder; "
+                          "set train.output_dir to a path under a folder")
+    try:
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        os.rmdir(tempfile.mkdtemp(prefix=".dpo_accel_probe_", dir=above))
+    except OSError as e:
+        raise RecipeError(f"{where} cannot be written: '{above}' is not writable ({e.strerror or e}); set "
+                          "train.output_dir to a folder you can write") from None
+
+
 def check_output_dir(recipe: Recipe, resume: bool) -> Optional[str]:
-    """Refuse to mix two runs in one folder; returns the checkpoint a --resume continues (else None)."""
+    """Refuse to mix two runs in one folder, or a folder that cannot be written; returns the checkpoint a
+    --resume continues (else None)."""
     out = recipe.train.output_dir
+    check_writable(out)
     if resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:

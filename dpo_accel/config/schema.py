@@ -39,7 +39,7 @@ class LoraConfig:
     use_peft: bool = False  # wrap the policy with a LoRA adapter (peft)
     lora_r: int = 16  # adapter rank
     lora_alpha: int = 32  # scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # dropout on the adapter's input during training
     lora_target_modules: Union[str, list] = "all-linear"  # "all-linear" or a list of module names
     lora_modules_to_save: Optional[list] = None  # modules trained in full beside the adapter (e.g. [lm_head])
     # A peft LoRA adapter dir (e.g. an SFT run's <output_dir>/adapter) merged into the base weights at load, so the
@@ -60,7 +60,7 @@ class ReferenceConfig:
 class DataConfig:
     dataset_name: str = "data/arith_prefs"  # local dir / json / jsonl / parquet file, or a hub id
     dataset_config: Optional[str] = None  # hub dataset configuration name
-    train_split: str = "train"
+    train_split: str = "train"  # split trained on (hub datasets: e.g. train_prefs for UltraFeedback)
     eval_split: Optional[str] = "eval"  # split used for held-out evaluation; null to carve one from train
     eval_fraction: float = 0.0  # when eval_split is missing: fraction of train held out (seeded)
     format: str = "auto"  # auto | explicit | conversational | implicit | hh | sft | unpaired (prompt, completion, label)
@@ -68,7 +68,7 @@ class DataConfig:
     max_prompt_length: int = 256  # prompt tokens kept before the answer
     truncation_mode: str = "keep_end"  # keep_end | keep_start: which part of an over-long prompt is kept
     max_train_samples: Optional[int] = None  # cap on training pairs (after shuffling with the seed)
-    max_eval_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None  # cap on held-out pairs (the first ones, after the seeded shuffle)
     num_proc: Optional[int] = None  # datasets.map workers for tokenisation
     group_by_length: bool = True  # length-grouped batches (shuffled mega-batches sorted by length)
     # Several sources instead of dataset_name, the alignment-handbook's block: {datasets: [{id, config, split,
@@ -101,22 +101,22 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/run"
-    seed: int = 42
+    output_dir: str = "outputs/run"  # the run folder: metrics, logs, checkpoints, model/ and adapter/
+    seed: int = 42  # seeds the weights of new layers, the data order, dropout and sampling
     optimizer: str = "adamw"  # adamw | rmsprop (the original DPO work's choice)
-    learning_rate: float = 5e-6
-    weight_decay: float = 0.0
+    learning_rate: float = 5e-6  # peak learning rate, reached after the warmup
+    weight_decay: float = 0.0  # decoupled weight decay of the weight matrices (biases and norm weights: none)
     max_grad_norm: float = 1.0  # 0 disables clipping
     per_device_train_batch_size: int = 4  # pairs per process per micro-batch
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
+    per_device_eval_batch_size: int = 8  # held-out pairs per process per forward
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    num_train_epochs: float = 1.0  # passes over the training split (fractions allowed) when max_steps is not set
     max_steps: int = -1  # optimizer steps; overrides num_train_epochs when > 0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to learning_rate
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     lr_scheduler_type: str = "linear"  # linear | cosine | constant (all after warmup)
     mixed_precision: Optional[str] = None  # no | bf16 | fp16; null: the launch config's choice
-    logging_steps: int = 1
+    logging_steps: int = 1  # log the metrics every N optimizer steps (and at the last)
     eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end)
     save_steps: int = 0  # checkpoint every N optimizer steps (0: none)
     save_total_limit: int = 2  # checkpoints kept
@@ -131,12 +131,13 @@ class TrainConfig:
     # chunk is logps_chunk_size positions whatever V
     logps_chunk_mb: Optional[float] = 64.0
     padding_free: bool = False  # pack the concatenated batch into one row with position_ids (no padding)
-    prefix_sharing: Optional[bool] = None  # run each pair's common prefix (the prompt) once, exactly: one row per
-    # pair with a custom 4D mask (per-layer sliding windows kept); null (auto): on where sdpa/eager attention takes
-    # the mask and the start-up self-check finds it equal to stacked rows; true: required (one-line error if not)
-    # with prefix sharing, the pairs packed into ONE row with no padding and no [rows, 1, T, T] mask, attention run
-    # per pair (SDPA per pair on CPU, a FlexAttention block mask on CUDA; SDPA models); null (auto): where the self-check
-    # finds it exact, else one padded row per pair; true: required; false: padded rows
+    # Run each pair's common prefix (the prompt) once, exactly: one row per pair with a custom 4D mask (per-layer
+    # sliding windows kept); null (auto): on where sdpa/eager attention takes the mask and the start-up self-check
+    # finds it equal to stacked rows; true: required (one-line error if not).
+    prefix_sharing: Optional[bool] = None
+    # With prefix sharing, the pairs packed into ONE row with no padding and no [rows, 1, T, T] mask, attention run
+    # per pair (SDPA per pair on CPU, a FlexAttention block mask on CUDA; SDPA models); null (auto): where the
+    # self-check finds it exact, else one padded row per pair; true: required; false: padded rows.
     pack_pairs: Optional[bool] = None
     # auto: memory-lean log-probs (decoder body -> chunked LM head) where the start-up self-check finds them equal to
     # the model's own logits (1e-4 relative), else the full [rows, T, V] logits; lean: required (one-line error if
@@ -153,7 +154,7 @@ class TrainConfig:
     online_verifier: Optional[str] = None  # arith, or module:function returning one number per answer
     online_reward_model: Optional[str] = None  # or a one-label sequence classifier scoring the answers
     online_temperature: float = 1.0  # sampling temperature of the online answers
-    online_max_new_tokens: int = 32
+    online_max_new_tokens: int = 32  # the longest online or iterative answer, in tokens
     # An online or iterative answer that online_max_new_tokens cut off before a stop token: null: left out of its
     # prompt's best-vs-worst pick; a number: kept, that number taken off its score (TRL's missing_eos_penalty)
     online_missing_eos_penalty: Optional[float] = None
@@ -170,7 +171,7 @@ class TrainConfig:
 class EvalConfig:
     do_eval: bool = True  # held-out preference metrics (eval/*)
     generation_prompts: int = 0  # held-out prompts generated by policy before and after training (0: none)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # the longest held-out answer, in tokens
     # Scorer of the generated answers (dpo_accel/evaluation/scorers.py): arith | geo | exact_match | regex | length, or
     # module:function (a module or a .py path; func(prompts, answers[, rows]) -> {name: number}); null: answer length
     behaviour: Optional[str] = None

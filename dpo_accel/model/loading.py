@@ -126,6 +126,32 @@ def check_model_source(cfg: ModelConfig) -> None:
         else:
             raise RecipeError(f"model directory '{name}' holds no weights (*.safetensors); point "
                               "model.model_name_or_path at a saved model folder")
+    for weights_file in sorted(f for f in weights if f.endswith(".safetensors")):
+        check_safetensors(os.path.join(name, weights_file))
+
+
+def check_safetensors(path: str) -> None:
+    """A .safetensors file is whole: its header reads and the file is as long as the header says (a copy or
+    download cut short fails here, not as a traceback from inside the loader). Reads the header only."""
+    size = os.path.getsize(path)
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            problem = f"{size} bytes, too short for its header"
+        else:
+            try:
+                header = json.loads(f.read(length))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                problem = "its header does not read"
+            else:
+                if size != 8 + length + end:
+                    problem = f"{size} bytes where its header says {8 + length + end}"
+    if problem:
+        raise RecipeError(f"model file '{path}' is truncated or damaged ({problem}); copy or download it again, "
+                          "or point model.model_name_or_path at a complete model folder")
 
 
 def hub_cache_folder(name: str) -> str:
@@ -144,6 +170,8 @@ def loading(what: str, name: str):
     """Context: a failure to load `name` (offline hub id, missing file, bad folder) as one RecipeError line."""
     import contextlib
 
+    from safetensors import SafetensorError
+
     @contextlib.contextmanager
     def guard():
         try:
@@ -153,6 +181,9 @@ def loading(what: str, name: str):
         except (OSError, ValueError, KeyError, EnvironmentError) as e:
             raise RecipeError(f"cannot load the {what} '{name}' ({type(e).__name__}: {first_line(e)}); a hub id needs "
                               "a network or the hub cache, a folder needs config.json and weights") from None
+        except SafetensorError as e:  # a weights file cut short or damaged (one check_model_source did not see)
+            raise RecipeError(f"cannot load the {what} '{name}': a .safetensors file is truncated or damaged "
+                              f"({first_line(e)}); copy or download it again") from None
 
     return guard()
 

@@ -120,16 +120,41 @@ def read_state_file(path: str) -> dict:
                           "from the one before") from None
 
 
+# What --resume reads, checked where the state file lists no files (a checkpoint written by an older version,
+# or copied by hand): the recipe always; the weights the state file says it holds, in any of Accelerate's
+# layouts (model*.safetensors, pytorch_model*.bin, FSDP's pytorch_model_fsdp_0, DeepSpeed's pytorch_model/);
+# next to plain (not FSDP / DeepSpeed) weights, the optimizer and the scheduler (the one object registered for
+# checkpointing) that load_state reads.
+ALWAYS_READ = ("recipe.yaml",)
+PLAIN_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+READ_WITH_PLAIN_WEIGHTS = ("optimizer.bin", "custom_checkpoint_0.pkl")
+
+
 def check_complete(path: str) -> None:
-    """Every file the checkpoint was written with is there at its size (``files`` in its state file);
-    a one-line RecipeError naming the first that is not, before anything in the run folder is touched."""
+    """Every file the checkpoint was written with is there at its size (``files`` in its state file; without
+    that list, the files --resume reads); a one-line RecipeError naming the first that is not, before anything
+    in the run folder is touched."""
     state = read_state_file(os.path.join(path, STATE_FILE))
-    for name, size in state.get("files", {}).items():
+    listed = state.get("files") or {}
+    needed: dict = {**dict.fromkeys(ALWAYS_READ), **listed}
+    if not listed:
+        names = os.listdir(path)
+        if state.get("weights") == "trainable" or any(name in names for name in PLAIN_WEIGHTS):
+            needed.update(dict.fromkeys(READ_WITH_PLAIN_WEIGHTS))
+        if state.get("weights") and not any(name.startswith(("model", "pytorch_model")) for name in names):
+            raise damaged(path, "its weights (" + " or ".join(PLAIN_WEIGHTS) + ") are missing")
+        if state.get("weights") == "trainable":
+            needed["model.safetensors"] = None  # the trainable weights, in the one file check_trainable_file reads
+    for name, size in needed.items():
         full = os.path.join(path, name)
-        if not os.path.isfile(full) or os.path.getsize(full) != size:
+        if not os.path.isfile(full) or (size is not None and os.path.getsize(full) != size):
             found = "missing" if not os.path.isfile(full) else f"{os.path.getsize(full)} bytes, written with {size}"
-            raise RecipeError(f"--resume: checkpoint {os.path.basename(path)} is damaged: {name} is {found}; "
-                              "remove that checkpoint folder to resume from the one before")
+            raise damaged(path, f"{name} is {found}")
+
+
+def damaged(path: str, what: str) -> RecipeError:
+    return RecipeError(f"--resume: checkpoint {os.path.basename(path)} is damaged: {what}; remove that checkpoint "
+                       "folder to resume from the one before")
 
 
 def manifest(path: str) -> dict[str, int]:
@@ -194,6 +219,8 @@ def check_trainable_file(path: str, model) -> None:
     from safetensors import safe_open
 
     file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):
+        raise damaged(path, "model.safetensors is missing")
     with safe_open(file, framework="pt") as f:
         saved = set(f.keys())
     expected = trainable_names(model)
@@ -236,14 +263,21 @@ def load_checkpoint(accelerator, path: str, fingerprint: Optional[str] = None) -
     trainable weights only loads over the base just loaded from the recipe's source, whose `fingerprint`
     must be the one it was trained on."""
     state = read_state_file(os.path.join(path, STATE_FILE))
-    if state.get("weights") == "trainable":
-        saved = state.get("base_fingerprint")
-        if saved and fingerprint and saved != fingerprint:
-            raise RecipeError(f"--resume: the frozen base weights (fingerprint {fingerprint}) are not the ones "
-                              f"{os.path.basename(path)} was trained on ({saved}); restore model.model_name_or_path's "
-                              "weights or start a new train.output_dir")
-        check_trainable_file(path, accelerator._models[0])
-        accelerator.load_state(path, strict=False)  # the base is not in the file: it was loaded from its source
-    else:
-        accelerator.load_state(path)
+    try:
+        if state.get("weights") == "trainable":
+            saved = state.get("base_fingerprint")
+            if saved and fingerprint and saved != fingerprint:
+                raise RecipeError(f"--resume: the frozen base weights (fingerprint {fingerprint}) are not the ones "
+                                  f"{os.path.basename(path)} was trained on ({saved}); restore "
+                                  "model.model_name_or_path's weights or start a new train.output_dir")
+            check_trainable_file(path, accelerator._models[0])
+            accelerator.load_state(path, strict=False)  # the base is not in the file: it was loaded from its source
+        else:
+            accelerator.load_state(path)
+    except FileNotFoundError as e:  # a file the state file did not list (check_complete checked those)
+        name = os.path.basename(str(e.filename)) if e.filename else ""
+        what = ("its weights (" + " or ".join(PLAIN_WEIGHTS) + ") are missing" if name in PLAIN_WEIGHTS
+                else f"{name} is missing" if name
+                else f"a file it needs is missing ({(str(e).strip() or type(e).__name__).splitlines()[0]})")
+        raise damaged(path, what) from None
     return state
