@@ -271,3 +271,16 @@ def paired_steps(a: list, b: list) -> list:
     steps_a, steps_b = [r["step"] for r in a], [r["step"] for r in b]
     assert steps_a == steps_b, f"the two runs logged different steps: {steps_a} vs {steps_b}"
     return list(zip(a, b))
+
+
+def drop_chat_template(model_dir: str) -> None:
+    """Make the tokenizer saved in `model_dir` a raw-text one (no chat template), as the Pythia HH recipe's."""
+    from transformers import AutoTokenizer
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(model_dir, name)):
+            os.remove(os.path.join(model_dir, name))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(model_dir)
+    assert not getattr(AutoTokenizer.from_pretrained(model_dir), "chat_template", None), "a chat template is left"

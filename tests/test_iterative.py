@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, paired_steps, reset_accelerate, tiny_overrides
+from conftest import REPO, drop_chat_template, paired_steps, reset_accelerate, tiny_overrides
 from dpo_accel import train
 from dpo_accel.loops import iterative
 from dpo_accel.config.errors import RecipeError
@@ -337,3 +337,32 @@ def test_allowed_settings_pass_the_checks(world, tmp_path):
         load_recipe(None, base + extra)
     with pytest.raises(RecipeError, match="precomputed"):  # without rounds the online loop's checks apply
         load_recipe(None, base + ["train.iterative_rounds=0", "reference.mode=precomputed"])
+
+
+def test_a_raw_text_models_round_trains_on_its_sampled_ids(world, tmp_path):
+    """A tokenizer without a chat template (raw text, as the Pythia HH recipe): a round's training rows are the
+    prompt's and answers' sampled ids as they are, leading spaces and all, never the decoded text encoded again."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dpo_accel.data.tokenize import prompt_input_ids
+
+    model_dir = str(tmp_path / "raw_model")
+    shutil.copytree(world["model"], model_dir)
+    drop_chat_template(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = str(tmp_path / "run")
+    train.run(load_recipe(None, sets_for({**world, "model": model_dir}, out, **{
+        "train.iterative_rounds": 1, "train.max_steps": 1, "train.save_steps": 0, "eval.generation_prompts": 0})))
+    reset_accelerate()
+    with open(os.path.join(out, "round_1", "data", "train.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    assert pairs
+    for p in pairs:
+        assert p["prompt_ids"] == prompt_input_ids(tok, p["prompt"])  # the prompt as generation saw it
+        for side in ("chosen", "rejected"):
+            assert tok.decode(p[f"{side}_ids"], skip_special_tokens=True).strip() == p[side]
+    spaced = [p for p in pairs if tok.decode(p["chosen_ids"][:1]).startswith(" ")]
+    assert spaced  # answers the model began with a space: kept as sampled, which re-encoding the text would lose
+    assert any(tok(p["chosen"], add_special_tokens=False)["input_ids"] != p["chosen_ids"] for p in spaced)

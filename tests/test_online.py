@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, build_small_vocab_model, paired_steps, poison_objective, reset_accelerate, tiny_overrides
+from conftest import (REPO, build_small_vocab_model, drop_chat_template, paired_steps, poison_objective,
+                     reset_accelerate, tiny_overrides)
 from dpo_accel.config.loop_checks import check_online
 from dpo_accel.data.generated import build_pairs, prompt_order
 from dpo_accel.config.errors import RecipeError
@@ -202,9 +203,8 @@ def test_online_pairs_are_the_token_ids_the_policy_sampled(penalty, tmp_path, mo
     from dpo_accel.loops import online
 
     model_dir = build_small_vocab_model(str(tmp_path / "model"))
+    drop_chat_template(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.chat_template = None
-    tok.save_pretrained(model_dir)
     (tmp_path / "scripted.py").write_text(SCORER)
     sampled, trained = [], []
     real_generate, real_forward = online.generate_on_every_process, online.OnlineKind.forward
