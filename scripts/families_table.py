@@ -16,8 +16,10 @@ import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from generated_table import print_or_check  # noqa: E402
 from test_families import FAMILIES, check_family, families_table  # noqa: E402
 
 
@@ -34,15 +36,7 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
     table = families_table(results)
-    if args.check is None:
-        sys.stdout.write(table)
-        return 0
-    with open(args.check, encoding="utf-8") as f:
-        if table.strip() in f.read():
-            return 0
-    print(f"{args.check} lacks the current families table; paste the output of: python scripts/families_table.py",
-          file=sys.stderr)
-    return 1
+    return print_or_check(table, args.check, "families table", "python scripts/families_table.py")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import typing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from generated_table import print_or_check  # noqa: E402
 from dpo_accel.config import schema  # noqa: E402
 
 SCHEMA_PATH = os.path.join(REPO, "dpo_accel", "config", "schema.py")
@@ -109,15 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", metavar="FILE", help="fail when FILE does not contain the generated table")
     args = parser.parse_args(argv)
     table = reference_markdown()
-    if args.check is None:
-        sys.stdout.write(table)
-        return 0
-    with open(args.check, encoding="utf-8") as f:
-        if table.strip() in f.read():
-            return 0
-    print(f"{args.check} lacks the current recipe reference; paste the output of: python scripts/recipe_reference.py",
-          file=sys.stderr)
-    return 1
+    return print_or_check(table, args.check, "recipe reference", "python scripts/recipe_reference.py")
 
 
 if __name__ == "__main__":

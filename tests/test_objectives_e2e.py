@@ -220,7 +220,7 @@ def test_reference_free_objectives_use_less_peak_memory_than_a_frozen_copy(tmp_p
 
 
 def test_readme_loss_table_matches_the_registry():
-    """The README's objective table is the registry's own rendering (paste `python scripts/loss_table.py`)."""
+    """docs/objectives.md's objective table is the registry's own rendering (paste `python scripts/loss_table.py`)."""
     proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "loss_table.py"), "--check",
                            os.path.join(REPO, "docs", "objectives.md")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.strip()
