@@ -21,7 +21,7 @@ import random
 import re
 from typing import Optional
 
-from dpo_accel.data.tasks.rates import behaviour_rates
+from dpo_accel.data.tasks.common import behaviour_rates, pick_kind
 
 PHRASINGS = (
     "What is {a} + {b}?",
@@ -88,19 +88,10 @@ def verbose_answer(a: int, b: int, result: int, rng: random.Random) -> str:
     return rng.choice(VERBOSE_TEMPLATES).format(a=a, b=b, s=result)
 
 
-def _pick_kind(rng: random.Random) -> str:
-    u, acc = rng.random(), 0.0
-    for kind, weight in KIND_WEIGHTS:
-        acc += weight
-        if u < acc:
-            return kind
-    return KIND_WEIGHTS[-1][0]
-
-
 def make_pair(a: int, b: int, rng: random.Random) -> dict:
     """One preference row {prompt, chosen, rejected} plus its `kind` (kept out of the files)."""
     prompt = rng.choice(PHRASINGS).format(a=a, b=b)
-    kind = _pick_kind(rng)
+    kind = pick_kind(rng, KIND_WEIGHTS)
     if kind == "wrong_concise":
         rejected = concise_answer(a, b, wrong_result(a, b, rng))
     elif kind == "verbose_correct":

@@ -23,7 +23,7 @@ import re
 import unicodedata
 from typing import Optional
 
-from dpo_accel.data.tasks.rates import behaviour_rates
+from dpo_accel.data.tasks.common import behaviour_rates, pick_kind
 
 # Countries whose capital is one unambiguous word (multi-word, disputed or renamed capitals left out).
 CAPITALS = (
@@ -94,20 +94,11 @@ CITY_OF = {fold(country): city for country, city in CAPITALS}
 ALL_CITIES = {fold(city) for _, city in CAPITALS}
 
 
-def _pick_kind(rng: random.Random) -> str:
-    u, acc = rng.random(), 0.0
-    for kind, weight in KIND_WEIGHTS:
-        acc += weight
-        if u < acc:
-            return kind
-    return KIND_WEIGHTS[-1][0]
-
-
 def make_pair(country: str, city: str, others: list, rng: random.Random, phrasing: Optional[str] = None) -> dict:
     """One row {prompt, chosen, rejected} plus its `kind`; `others` are the cities a wrong answer picks from."""
     prompt = (phrasing or rng.choice(PHRASINGS)).format(c=country)
     prompt = prompt[0].upper() + prompt[1:]  # "the Netherlands's capital ..." starts a sentence
-    kind = _pick_kind(rng)
+    kind = pick_kind(rng, KIND_WEIGHTS)
     wrong = rng.choice([o for o in others if o != city])
     if kind == "wrong_word":
         rejected = wrong

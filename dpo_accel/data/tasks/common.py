@@ -1,9 +1,11 @@
-"""The behaviour rates every shipped task reports over a set of generations, from its own answer scorer."""
+"""What the shipped tasks share: the seeded pick of an answer kind, and the behaviour rates each reports over a set
+of generations from its own answer scorer."""
 from __future__ import annotations
 
+import random
 from typing import Callable
 
-__all__ = ["behaviour_rates"]
+__all__ = ["behaviour_rates", "pick_kind"]
 
 
 def behaviour_rates(prompts: list[str], answers: list[str], score_answer: Callable[[str, str], dict]) -> dict:
@@ -21,3 +23,13 @@ def behaviour_rates(prompts: list[str], answers: list[str], score_answer: Callab
         "mean_answer_words": sum(len(a.split()) for a in answers) / n,
         "n": n,
     }
+
+
+def pick_kind(rng: random.Random, kind_weights) -> str:
+    """One kind of (kind, weight) pairs, drawn with one rng.random() call (the datasets' generators rely on it)."""
+    u, acc = rng.random(), 0.0
+    for kind, weight in kind_weights:
+        acc += weight
+        if u < acc:
+            return kind
+    return kind_weights[-1][0]
