@@ -489,6 +489,7 @@ class Inspection:
     lay: str  # the layout its tokens are counted in
     steps_per_epoch: int
     steps: int
+    dtype_asked: str = "float32"  # the recipe's model.dtype before preflight settled auto for the CPU here
 
     @property
     def processes(self) -> int:
@@ -526,6 +527,7 @@ def run_layout(plan, recipe: Recipe, config) -> str:
 
 def gather_inspection(recipe: Recipe, args) -> Inspection:
     """Plan the recipe, read the model's config and tokenise and count the data (no weights)."""
+    asked = recipe.model.dtype
     plan, note = resolve_plan(recipe)
     recipe = plan.recipe
     config = with_attention(model_config(recipe, args.model_config), recipe)
@@ -539,7 +541,7 @@ def gather_inspection(recipe: Recipe, args) -> Inspection:
     steps = recipe.train.max_steps if recipe.train.max_steps > 0 else math.ceil(
         recipe.train.num_train_epochs * steps_per_epoch)
     return Inspection(recipe, args, plan, note, config, facts, tokenized, stats, batches, layout, lay,
-                      steps_per_epoch, steps)
+                      steps_per_epoch, steps, asked)
 
 
 def plan_lines(ins: Inspection) -> list[str]:
@@ -583,7 +585,7 @@ def data_lines(ins: Inspection) -> list[str]:
 
 def memory_lines(ins: Inspection, device: Device, est: Estimate) -> list[str]:
     """One device's memory table: each term of the estimate, the total, and the other checkpointing choice."""
-    recipe, facts = ins.recipe, ins.facts
+    recipe, facts = device_recipe(ins, device), ins.facts
     lora = "LoRA " if recipe.lora.use_peft else ""
     lines = [f"-- {device.name}{f' ({device.chip})' if device.chip else ''}"]
     rows = [(f"weights ({recipe.model.dtype}{', 4-bit' if recipe.model.load_in_4bit else ''})", est.weights),
@@ -616,7 +618,7 @@ def fits_on(ins: Inspection, device: Device):
 
 def time_and_fit_lines(ins: Inspection, device: Device, est: Estimate, flops: float) -> list[str]:
     """A GPU's time per step and per run at --mfu, whether it fits and, if not, the setting that makes it."""
-    args, steps, recipe = ins.args, ins.steps, ins.recipe
+    args, steps, recipe = ins.args, ins.steps, device_recipe(ins, device)
     per_step = flops / (device.peak_flops * args.mfu)
     lines = [f"  time at {args.mfu:.0%} MFU: {human(per_step)} per step, {human(per_step * steps)} "
              f"for {steps} steps"]
@@ -631,6 +633,18 @@ def time_and_fit_lines(ins: Inspection, device: Device, est: Estimate, flops: fl
     return lines
 
 
+def device_recipe(ins: Inspection, device: Device) -> Recipe:
+    """The recipe as it runs on `device`: ``model.dtype: auto`` settled for a GPU (bf16 units assumed, as on
+    every GPU class the estimate knows) rather than for the CPU here."""
+    if ins.dtype_asked != "auto" or not device.gpu:
+        return ins.recipe
+    from dpo_accel.model.speed import adapter_only, auto_dtype
+
+    recipe = copy.deepcopy(ins.recipe)
+    recipe.model.dtype = auto_dtype(adapter_only(recipe), f"{device.chip} GPU")[0]
+    return recipe
+
+
 def estimate_lines(ins: Inspection, estimates: dict) -> list[str]:
     """The `== estimate` section, per device (the CPU here, or each --gpu); fills `estimates` by device name."""
     args, batches, lay, processes = ins.args, ins.batches, ins.lay, ins.processes
@@ -640,8 +654,8 @@ def estimate_lines(ins: Inspection, estimates: dict) -> list[str]:
                  f"{batches.longest[lay][1]} tokens, {ins.layout}; backend {args.backend}, {processes} process(es))"]
     lines.append(f"FLOPs per optimizer step per device: {flops / 1e12:,.2f} TFLOP")
     for device in devices:
-        est = estimate(ins.recipe, ins.facts, ins.config, ins.plan.reference_mode, lay, batches, device,
-                       args.backend, processes)
+        est = estimate(device_recipe(ins, device), ins.facts, ins.config, ins.plan.reference_mode, lay, batches,
+                       device, args.backend, processes)
         estimates[device.name] = est
         lines += memory_lines(ins, device, est)
         if device.gpu:

@@ -10,6 +10,9 @@ What each test proves, on CPU with tiny models:
 - in the real loop, packing (train.padding_free) + gradient checkpointing + auto_find_batch_size (an
   out-of-memory error forced above 2 pairs) train exactly like the plain 4-pair run;
 - QLoRA and torch.compile are refused with one line where they cannot run;
+- model.dtype auto: bf16 frozen base weights under LoRA where the device has bf16 matrix units (the adapter
+  and optimizer state float32), float32 elsewhere and for weights that train in full; a resume keeps the
+  checkpoint's dtype;
 - the benchmark runs end to end (--quick, TRL absent) and its float32 check holds.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dpo_accel.model.logps import PreferenceLogpsModel
 from dpo_accel.model.loading import load_policy
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.load import load_recipe
+from dpo_accel.config.plan import preflight
 
 OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes."
 
@@ -350,3 +354,64 @@ def test_benchmark_repeats_and_length_sweep(tmp_path, monkeypatch, capsys):
     assert set(short) == {"default", "leanest"} and long["default"]["real_per_step"] > 1.5 * short["default"]["real_per_step"]
     assert "| 256 (" in text and "growth default: 256 -> 512 tokens per pair" in text
     assert "512 tokens/pair: trl: trl is not importable" in text
+
+
+# ---------------------------------------------------------------------------------- model.dtype auto
+
+def test_auto_dtype_rules():
+    assert speed.bf16_matrix_units(False, {"fpu", "amx_bf16", "avx512_bf16"}) == "AMX-BF16"
+    assert speed.bf16_matrix_units(False, {"fpu", "avx512_bf16"}) == "AVX512-BF16"
+    assert speed.bf16_matrix_units(False, {"fpu", "avx2", "avx512f"}) is None  # bf16 would be emulated
+    assert speed.auto_dtype(True, "AMX-BF16")[0] == "bfloat16"
+    assert speed.auto_dtype(True, None) == ("float32", "no bf16 matrix units on this device")
+    assert speed.auto_dtype(False, "AMX-BF16")[0] == "float32"  # full fine-tuning: float32 master weights
+
+    def adapter_only(*sets):
+        return speed.adapter_only(load_recipe(None, list(sets)))
+
+    assert adapter_only("lora.use_peft=true")
+    assert not adapter_only()
+    assert not adapter_only("lora.use_peft=true", "lora.lora_modules_to_save=[lm_head]")  # trains in full
+    assert not adapter_only("lora.use_peft=true", "loss.loss_type=bradley_terry")  # a new score head
+
+
+def test_auto_dtype_loads_a_bf16_base_and_keeps_the_adapter_float32(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """With bf16 units (stated here, whatever this CPU has) a LoRA run loads its base in bfloat16, its adapter
+    and optimizer state stay float32, and recipe.yaml says what ran; without units, or for full fine-tuning,
+    auto is float32. A resume keeps the checkpoint's dtype."""
+    import transformers
+
+    seen = {"loaded": []}
+    real_step, real_load = torch.optim.AdamW.step, transformers.AutoModelForCausalLM.from_pretrained
+
+    def step(self, *args, **kwargs):
+        seen["state"] = {v.dtype for st in self.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()}
+        seen["params"] = {p.dtype for g in self.param_groups for p in g["params"]}
+        return real_step(self, *args, **kwargs)
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        seen["loaded"].append({p.dtype for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
+    monkeypatch.setattr(speed, "bf16_matrix_units", lambda gpu, flags=None: "AMX-BF16")
+    out = str(tmp_path / "lora")
+    run_loop(tiny_model_dir, out, **{"model.dtype": "auto", "train.save_steps": 1})
+    assert "model.dtype auto -> bfloat16 (frozen base weights in bf16 on AMX-BF16" in capsys.readouterr().out
+    assert yaml.safe_load(open(os.path.join(out, "recipe.yaml")))["model"]["dtype"] == "bfloat16"
+    assert seen["loaded"] == [{torch.bfloat16}]  # the base (and adapter-off reference) in bf16
+    assert seen["params"] == {torch.float32} and seen["state"] == {torch.float32}  # the adapter only
+    weights = adapter_weights(out)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+    monkeypatch.setattr(speed, "bf16_matrix_units", lambda gpu, flags=None: None)  # resume elsewhere
+    reset_accelerate()
+    plan = preflight(load_recipe(None, tiny_overrides(tiny_model_dir, out, **{**LOOP, "model.dtype": "auto",
+                                                                             "train.max_steps": 3})), resume=True)
+    assert plan.recipe.model.dtype == "bfloat16"  # the checkpoint's, not this device's
+    run_loop(tiny_model_dir, str(tmp_path / "no_units"), **{"model.dtype": "auto"})
+    assert "model.dtype auto -> float32 (no bf16 matrix units" in capsys.readouterr().out
+    run_loop(tiny_model_dir, str(tmp_path / "full"), **{"model.dtype": "auto", "lora.use_peft": False})
+    assert "model.dtype auto -> float32 (weights that train in full" in capsys.readouterr().out

@@ -89,8 +89,8 @@ FLAT = {
 
 # Flat keys whose value is converted: key -> (our key, what the conversion is, for the printed mapping).
 CONVERTED = {
-    "torch_dtype": ("model.dtype", "auto -> float32; else the same name"),
-    "dtype": ("model.dtype", "auto -> float32; else the same name"),
+    "torch_dtype": ("model.dtype", "the same name (auto: bf16 frozen weights under LoRA where the device has bf16 units)"),
+    "dtype": ("model.dtype", "the same name (auto: bf16 frozen weights under LoRA where the device has bf16 units)"),
     "use_flash_attention_2": ("model.attn_implementation", "true -> flash_attention_2"),
     "bf16": ("train.mixed_precision", "true -> bf16, false -> no"),
     "fp16": ("train.mixed_precision", "true -> fp16, false -> no"),
@@ -204,10 +204,6 @@ def orpo_source(raw: dict, path: Optional[str]) -> Optional[str]:
     return "(file name)" if ORPO_HINT in words and "dpo" not in words else None
 
 
-def _dtype(value):
-    return "float32" if value == "auto" else value
-
-
 def _optimizer(value):
     if isinstance(value, str) and (value.startswith("adamw") or value.startswith("paged_adamw")):
         return "adamw"
@@ -286,7 +282,7 @@ def _map_key(key: str, value: Any, raw: dict, orpo: bool, out: dict, put, rows: 
     elif key in FLAT:
         put(key, FLAT[key], value)
     elif key in ("torch_dtype", "dtype"):
-        put(key, "model.dtype", _dtype(value), CONVERTED[key][1] if value == "auto" else "")
+        put(key, "model.dtype", value, CONVERTED[key][1] if value == "auto" else "")
     elif key == "use_flash_attention_2":
         if value:
             put(key, "model.attn_implementation", "flash_attention_2", CONVERTED[key][1])

@@ -4,7 +4,7 @@
 
 It runs the recipe's cross-field rules (``config.schema.validate``, with each loop kind's rules from
 ``config.loop_checks``), the objective's (``objectives.registry.plan_loss``), the speed options this machine can
-run (``model.speed.check_speed_options``) and what this machine lacks (``check_machine``: flash-attn, a GPU for fp16),
+run (``model.speed.check_speed_options``), the weights' dtype (``model.dtype: auto``, settled for the device) and what this machine lacks (``check_machine``: flash-attn, a GPU for fp16),
 the reference mode, the output folder (it can be made and written; a new run never lands in an old one's folder;
 ``--resume`` needs a complete checkpoint) and, on ``--resume``, that the checkpoint was written at
 the same data position. Checks that need more come later, each as soon as what it needs exists: the launch
@@ -92,7 +92,7 @@ def preflight(recipe: Recipe, resume: bool = False, processes: Optional[int] = N
     ``processes``: how many processes the run has (default: the launcher's ``WORLD_SIZE``, 1 without one).
     """
     from dpo_accel.model.reference import resolve_mode
-    from dpo_accel.model.speed import check_speed_options
+    from dpo_accel.model.speed import check_speed_options, on_gpu, resolve_model_dtype
 
     validate(recipe)  # load_recipe ran it; a recipe built in Python may not have
     objective = plan_loss(recipe.loss)
@@ -104,10 +104,14 @@ def preflight(recipe: Recipe, resume: bool = False, processes: Optional[int] = N
                         processes or int(os.environ.get("WORLD_SIZE", "1")))
     checkpoint = check_output_dir(recipe, resume)
     search = t.auto_find_batch_size
+    recipe = copy.deepcopy(recipe)  # the plan's recipe says what runs: model.dtype auto settled
     if checkpoint is not None:
         geometry = check_resume(recipe, geometry, checkpoint)
         search = False
         recipe = with_geometry(recipe, geometry)
+    note = resolve_model_dtype(recipe, on_gpu())
+    if note:
+        log(note)
     return Plan(recipe, objective, mode, geometry, checkpoint, search)
 
 
@@ -119,21 +123,12 @@ def with_geometry(recipe: Recipe, geometry: Geometry) -> Recipe:
     return recipe
 
 
-def on_gpu() -> bool:
-    """Whether the run gets a GPU (CUDA, XPU or Apple MPS), not a launch forced onto the CPU."""
-    import torch
-
-    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
-        return False
-    xpu = getattr(torch, "xpu", None)
-    return bool(torch.cuda.is_available() or (xpu is not None and xpu.is_available())
-                or torch.backends.mps.is_available())
-
-
 def check_machine(recipe: Recipe) -> None:
     """What this machine must have for the recipe: flash-attn for flash_attention_2, a GPU for fp16 autocast
     (on the CPU it silently does nothing)."""
     import importlib.util
+
+    from dpo_accel.model.speed import on_gpu
 
     gpu = on_gpu()
     if recipe.model.attn_implementation == "flash_attention_2":
@@ -217,7 +212,8 @@ def check_resume(recipe: Recipe, geometry: Geometry, checkpoint: str) -> Geometr
     Refused, naming the key and both values: the per-device batch, the accumulation, the number of
     processes, the seed, any data key (dataset, truncation, sampling). Allowed and noted: everything else
     (logging, eval, save interval, a larger max_steps, ...). With ``train.auto_find_batch_size`` the
-    checkpoint's micro-batch is kept (no search on resume). Returns the geometry to resume with.
+    checkpoint's micro-batch is kept (no search on resume), and ``model.dtype: auto`` keeps the checkpoint's
+    dtype (set in `recipe`). Returns the geometry to resume with.
     """
     state = read_state(checkpoint)
     with open(os.path.join(checkpoint, "recipe.yaml")) as f:
@@ -228,6 +224,8 @@ def check_resume(recipe: Recipe, geometry: Geometry, checkpoint: str) -> Geometr
         if per * acc == geometry.per_device * geometry.accumulation:
             geometry = dataclasses.replace(geometry, per_device=per, accumulation=acc)
             log(f"--resume: auto_find_batch_size keeps {where}'s micro-batch {per} x {acc} accumulation steps")
+    if recipe.model.dtype == "auto" and saved.get("model.dtype", "auto") != "auto":
+        recipe.model.dtype = saved["model.dtype"]  # auto keeps the dtype the checkpoint's weights trained in
     saved_processes = state.get("num_processes") or len(glob.glob(os.path.join(checkpoint, "random_states_*.pkl")))
     if saved_processes and saved_processes != geometry.processes:
         raise RecipeError(f"--resume: {where} was written by {saved_processes} process(es), this launch has "

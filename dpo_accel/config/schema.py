@@ -26,7 +26,10 @@ class ModelConfig:
     model_name_or_path: str = "smollm2-135m-instruct"  # HF dir, hub id, .gguf file, or the alias of the offline SmolLM2
     gguf_file: Optional[str] = None  # GGUF file name inside model_name_or_path (de-quantised, cached as safetensors)
     tokenizer_name_or_path: Optional[str] = None  # defaults to the model's own tokenizer
-    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype the policy weights are loaded in
+    # auto | float32 | bfloat16 | float16: dtype the policy weights are loaded in. auto: bfloat16 for the frozen base
+    # under LoRA where the device has bf16 matrix units (CUDA Ampere+, CPUs with AMX-BF16 / AVX512-BF16), float32
+    # elsewhere and for full fine-tuning; the LoRA adapter and optimizer state stay float32
+    dtype: str = "auto"
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null (library default)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     allow_pickle_weights: bool = False  # also load .bin/.pt weights (pickle can run code); default: safetensors only
@@ -198,7 +201,7 @@ class Recipe:
 
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "reference.mode": ("auto", "copy", "adapter_off", "precomputed", "none"),
     "data.format": ("auto", "explicit", "conversational", "implicit", "hh", "sft", "unpaired"),
     "data.truncation_mode": ("keep_end", "keep_start"),

@@ -116,10 +116,10 @@ def load_reward_model_for_training(recipe, model_path: str, tokenizer):
     LoRA on the body and the head trained in full when ``lora.use_peft``."""
     from transformers import AutoModelForSequenceClassification
 
-    from dpo_accel.model.loading import DTYPES, disable_dropout
+    from dpo_accel.model.loading import disable_dropout, weights_dtype
 
     m, lora = recipe.model, recipe.lora
-    kwargs = dict(dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, num_labels=1)
+    kwargs = dict(dtype=weights_dtype(m.dtype), trust_remote_code=m.trust_remote_code, num_labels=1)
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)

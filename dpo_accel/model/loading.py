@@ -217,10 +217,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, attr, 0.0)
 
 
-def load_causal_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None) -> torch.nn.Module:
+def weights_dtype(name: str, frozen_base: bool = False) -> torch.dtype:
+    """The torch dtype of a recipe's dtype name; ``auto`` (a recipe preflight has not settled) is settled
+    here for this process's device as preflight would (model.speed.auto_dtype)."""
+    if name == "auto":
+        from dpo_accel.model.speed import auto_dtype, bf16_matrix_units, on_gpu
+
+        name = auto_dtype(frozen_base, bf16_matrix_units(on_gpu()))[0]
+    return DTYPES[name]
+
+
+def load_causal_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None,
+                   frozen_base: bool = False) -> torch.nn.Module:
+    """The HF causal LM at `path` in `dtype` (default cfg.dtype; `frozen_base` settles ``auto``), with no
+    cache and no dropout; 4-bit with cfg.load_in_4bit."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=DTYPES[dtype or cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(dtype=weights_dtype(dtype or cfg.dtype, frozen_base), trust_remote_code=cfg.trust_remote_code)
     if not cfg.allow_pickle_weights:  # pickle files (.bin/.pt) can run code when loaded: safetensors only
         kwargs["use_safetensors"] = True
     if cfg.attn_implementation:
@@ -268,7 +281,8 @@ def check_target_modules(model: torch.nn.Module, targets) -> None:
 
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, model_path: str) -> torch.nn.Module:
     """The trainable policy: the HF model (plus a merged `lora.init_adapter`), with a LoRA adapter when `lora.use_peft`."""
-    model = load_causal_lm(model_path, model_cfg)
+    frozen_base = lora_cfg.use_peft and not lora_cfg.lora_modules_to_save
+    model = load_causal_lm(model_path, model_cfg, frozen_base=frozen_base)
     if lora_cfg.init_adapter:
         model = merge_adapter(model, lora_cfg.init_adapter, model_path)
     if model_cfg.load_in_4bit:  # norms to float32, input gradients on, checkpointing as asked (peft's QLoRA recipe)

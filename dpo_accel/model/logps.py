@@ -108,7 +108,7 @@ def concatenated_inputs(batch: dict, pad_token_id: int = 0) -> tuple[torch.Tenso
     return pad(ids, pad_token_id), pad(masks, 0).long(), pad(labels, IGNORE_INDEX), n_chosen
 
 
-def _check_padding(attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
+def check_padding(attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
     """One-line errors for batches that would give silently wrong log-probs."""
     if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
         raise ValueError("attention_mask has padding before real tokens; pad on the right (tokenizer.padding_side='right')")
@@ -143,7 +143,7 @@ def _unwrap_for_config(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _logit_transform(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def logit_transform(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """What the causal-LM forward applies after the LM head, read from the config's own fields:
     ``final_logit_softcapping`` (Gemma 2/3: cap * tanh(x / cap)), ``logits_scaling`` (Granite: x / s),
     ``logit_scale`` (Cohere: x * s). A family doing anything else is caught by the self-check."""
@@ -267,7 +267,7 @@ def processed_tokens(batch: dict, layout: str) -> int:
     return len(masks) * masks[0].shape[0] * int(max(int(n.max()) for n in lengths))
 
 
-def _shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int):
+def shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int):
     """One row per pair, ``[chosen (c tokens) | rejected tokens after the shared prefix (r - s)]``, right-padded:
     ids [B, L], own-row positions [B, L], real-token flags [B, L], and per pair s, c and c + r - s [B]."""
     B = n_chosen
@@ -287,11 +287,11 @@ def _shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen
 
 
 def _pair_packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int, config):
-    """The prefix-shared rows of `_shared_rows` packed into ONE row with no padding: input ids [1, L] and
+    """The prefix-shared rows of `shared_rows` packed into ONE row with no padding: input ids [1, L] and
     own-row position ids [1, L] (L = sum of c + r - s), and the `PairSegments` that tell the ``sdpa_pairs``
     attention where each pair sits (no mask tensor over the row). Returns (forward kwargs, shared [B],
     chosen lengths [B], pair offsets [B])."""
-    ids, source, real, shared, c_len, row_len = _shared_rows(input_ids, attention_mask, n_chosen)
+    ids, source, real, shared, c_len, row_len = shared_rows(input_ids, attention_mask, n_chosen)
     r_len = attention_mask[n_chosen:].sum(-1)
     segments = PairSegments(c_len.tolist(), shared.tolist(), r_len.tolist(), attention_windows(config),
                             getattr(config, "layer_types", None) or None)
@@ -313,7 +313,7 @@ def _prefix_shared_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     types the mask is a dict keyed by type, as the model's forward accepts. Padding sits at the end of a
     row; its queries see what is before them (no empty softmax row)."""
     B = n_chosen
-    ids, source, real, shared, c_len, row_len = _shared_rows(input_ids, attention_mask, n_chosen)
+    ids, source, real, shared, c_len, row_len = shared_rows(input_ids, attention_mask, n_chosen)
     L = ids.shape[1]
     j = torch.arange(L, device=input_ids.device).unsqueeze(0)  # [1, L] column in the shared row
     query, key = j.unsqueeze(2), j.unsqueeze(1)  # [1, L, 1], [1, 1, L]
@@ -457,7 +457,7 @@ def _synced_chunk_count(head: torch.nn.Module, n_chunks: int) -> int:
     return int(count.item())
 
 
-def _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab):
+def lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab):
     """Chunked log-probs over [N, H]: a plain linear head through `_LinearHeadLogps` (one buffer), any other
     under checkpointed `_chunk_logps` (its [chunk, V] logits recomputed in backward instead of kept); each
     chunk as many positions as `head_chunk_positions` allows for the vocabulary and the path."""
@@ -565,13 +565,13 @@ def label_token_logps(model: torch.nn.Module, hf_model: Optional[torch.nn.Module
             with torch.no_grad():
                 wpo_adjust = torch.logsumexp(2.0 * logps, dim=-1)
     else:
-        transform = _logit_transform(config)
+        transform = logit_transform(config)
         with no_masks:
             outputs = hf_model.get_decoder()(**forward_kwargs, use_cache=False)
         hidden = outputs.last_hidden_state.flatten(0, 1)[flat_pos]  # post final norm; [N, H]
         head = hf_model.get_output_embeddings()
         vocab = getattr(head, "out_features", None) or config.vocab_size
-        token_logps, wpo_adjust = _lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab)
+        token_logps, wpo_adjust = lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab)
     return outputs, token_logps, wpo_adjust
 
 
@@ -637,7 +637,7 @@ def concatenated_logps(model: torch.nn.Module, batch: dict, *, chunk_size: int =
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     input_ids, attention_mask, labels, n_chosen = concatenated_inputs(batch)
-    _check_padding(attention_mask, labels)
+    check_padding(attention_mask, labels)
     hf_model, config, prefix_sharing, pack_pairs, aux_spec = settle_logps_options(
         model, input_ids.shape[0] > n_chosen, naive=naive, packing=packing, prefix_sharing=prefix_sharing,
         pack_pairs=pack_pairs, router_aux=router_aux)
@@ -688,6 +688,36 @@ def _self_check_rtol(hf_model: torch.nn.Module) -> float:
     param = next(hf_model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     return SELF_CHECK_RTOL.get(dtype, SELF_CHECK_RTOL_16BIT)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # accelerate's dependency
+
+    return psutil.virtual_memory().available
+
+
+@contextlib.contextmanager
+def float32_weights(model: torch.nn.Module):
+    """The model's 16-bit float weights and buffers held as float32 for the duration (restored exactly after:
+    every bf16 / fp16 value is a float32 value), where the float32 copies fit the device's free memory with
+    room to spare; yields whether they were upcast. The self-check then measures its layouts' structure in
+    float32, as on a float32 model, instead of two different roundings of 16-bit arithmetic (a 16-bit
+    forward differs from itself by about 1e-2 relative between layouts). 4-bit weights are left as they are."""
+    low = [t for t in list(model.parameters()) + list(model.buffers()) if t.dtype in (torch.bfloat16, torch.float16)]
+    need = sum(t.numel() for t in low) * 4
+    if not low or free_memory_bytes(low[0].device) < 2 * need:
+        yield False
+        return
+    dtypes = [t.dtype for t in low]
+    for t in low:
+        t.data = t.data.float()
+    try:
+        yield True
+    finally:
+        for t, dtype in zip(low, dtypes):
+            t.data = t.data.to(dtype)
 
 
 def _agree_across_processes(ok: bool) -> bool:
@@ -834,14 +864,14 @@ def self_check(model: torch.nn.Module, probe: dict, *, path: str = "auto", prefi
     config = hf_model.config
     family = getattr(config, "model_type", type(hf_model).__name__)
     decision = PathDecision()
-    rtol = _self_check_rtol(hf_model)
     static_sharing = resolve_prefix_sharing(config, prefix_sharing, packing)  # raises where True cannot run
     has_pairs = "rejected_input_ids" in probe and probe["rejected_input_ids"].shape[0] > 0
     was_training = model.training
     model.eval()  # dropout off: the two paths must see the same function
     device_type = probe["chosen_input_ids"].device.type
-    try:  # in the weights' own dtype: under autocast a soft-cap rounds differently in the two paths
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+    try:  # no autocast: under it a soft-cap rounds differently in the two paths; 16-bit weights as float32
+        with torch.no_grad(), torch.autocast(device_type, enabled=False), float32_weights(model) as upcast:
+            rtol = SELF_CHECK_RTOL[torch.float32] if upcast else _self_check_rtol(hf_model)
             full, lean = check_lean_path(model, probe, hf_model, decision, path=path, family=family, rtol=rtol,
                                          packing=packing, chunk_size=chunk_size, chunk_mb=chunk_mb)
             naive = decision.path == "full"

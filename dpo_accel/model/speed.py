@@ -1,9 +1,11 @@
-"""Speed and memory options around the policy: torch.compile of the decoder, QLoRA (4-bit base) and the
-largest micro-batch that fits, with gradient accumulation keeping the global batch.
+"""Speed and memory options around the policy: the dtype of the frozen weights (``model.dtype: auto``),
+torch.compile of the decoder, QLoRA (4-bit base) and the largest micro-batch that fits, with gradient
+accumulation keeping the global batch.
 
 Each option is a recipe key (see recipe.py) and is checked before any compute is spent:
 
     check_speed_options(recipe)          # one-line RecipeError for an option this machine cannot run
+    resolve_model_dtype(recipe, gpu)     # model.dtype auto -> float32 or bfloat16, and why
     bnb_4bit_config(recipe.model)        # the BitsAndBytesConfig that loading.load_causal_lm passes on
     apply_speed_options(accelerator, recipe, logps_model, train_dataset, pad_token_id, with_reference)
                                          # compile the decoder, then search the micro-batch; returns it (the setup
@@ -67,6 +69,70 @@ def check_speed_options(recipe: Recipe, cuda: Optional[bool] = None) -> None:
         if backend == "inductor" and not cuda and _cpp_compiler() is None:
             raise RecipeError("train.torch_compile on CPU needs a C++ compiler for TorchInductor (g++ or clang++, "
                               "or $CXX); install one or set train.torch_compile: false")
+
+
+# ------------------------------------------------------------------------------------ weight dtype
+
+def on_gpu() -> bool:
+    """Whether the run gets a GPU (CUDA, XPU or Apple MPS), not a launch forced onto the CPU."""
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or torch.backends.mps.is_available())
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def bf16_matrix_units(gpu: bool, flags: Optional[set] = None) -> Optional[str]:
+    """The name of the device's bf16 matrix units, or None where bf16 matmuls would be emulated: CUDA from
+    compute capability 8.0 (Ampere) on; a CPU with AMX-BF16 or AVX512-BF16. Other GPUs (XPU, MPS) count
+    as none, so they keep float32 unless asked."""
+    if gpu:
+        if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+            return f"{torch.cuda.get_device_name()} bf16 tensor cores"
+        return None
+    flags = cpu_flags() if flags is None else flags
+    return next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+                 if flag in flags), None)
+
+
+def adapter_only(recipe: Recipe) -> bool:
+    """Whether every weight the run trains is a LoRA adapter's, so the base is frozen: LoRA with no
+    ``lora_modules_to_save`` and not a reward model (its new score head trains in full)."""
+    return bool(recipe.lora.use_peft and not recipe.lora.lora_modules_to_save
+                and recipe.loss.loss_type != "bradley_terry")
+
+
+def auto_dtype(frozen_base: bool, units: Optional[str]) -> tuple[str, str]:
+    """(dtype, why) that ``model.dtype: auto`` means on a device with bf16 matrix `units` (None: none).
+    Frozen weights go to bfloat16 where the device multiplies it natively: the base under a LoRA (or QLoRA)
+    adapter (`frozen_base`, see `adapter_only`), which is also the adapter-off reference. The adapter and the
+    optimizer state stay float32 (peft keeps adapter weights float32 on a 16-bit base), as the peers load
+    them. Weights that train in full keep float32 master weights; a copied reference follows the policy, so
+    the rewards start at exactly 0."""
+    if not frozen_base:
+        return "float32", "weights that train in full keep float32 master weights"
+    if units is None:
+        return "float32", "no bf16 matrix units on this device"
+    return "bfloat16", f"frozen base weights in bf16 on {units}; LoRA adapter and optimizer state float32"
+
+
+def resolve_model_dtype(recipe: Recipe, gpu: bool) -> Optional[str]:
+    """Settle ``model.dtype: auto`` in `recipe` (in place) for the run's device; returns the start-up note,
+    or None when the recipe named a dtype."""
+    if recipe.model.dtype != "auto":
+        return None
+    recipe.model.dtype, why = auto_dtype(adapter_only(recipe), bf16_matrix_units(gpu))
+    return f"model.dtype auto -> {recipe.model.dtype} ({why})"
 
 
 # -------------------------------------------------------------------------------------------- QLoRA
