@@ -8,6 +8,8 @@ answers the model generates, so a before/after table shows what training changed
   (unset)       mean_answer_words only
   arith         the shipped addition task: format_rate, correct_rate (dpo_accel.data.tasks.arith)
   geo           the shipped one-word geography task: format_rate, correct_rate (dpo_accel.data.tasks.geo)
+  shapes        the shipped image task: format_rate, correct_rate against each held-out row's chosen answer
+                (dpo_accel.data.tasks.shapes)
   exact_match   exact_match_rate: the answer equals the row's chosen answer (whitespace-trimmed)
   regex         regex_match_rate: the whole answer matches ``eval.behaviour_regex``
   length        mean_answer_words, mean_answer_chars
@@ -90,8 +92,14 @@ def _geo(prompts: list, answers: list[str]) -> dict:
     return behaviour_summary(prompts, answers)
 
 
-BUILTIN = {"arith": _arith, "geo": _geo, "exact_match": exact_match_scores, "length": length_scores}
-NAMES = ("arith", "geo", "exact_match", "regex", "length", "module:function")
+def _shapes(prompts: list, answers: list[str], rows: list) -> dict:
+    from dpo_accel.data.tasks.shapes import behaviour_summary
+
+    return behaviour_summary(answers, _needs_rows("shapes", rows, len(answers)))
+
+
+BUILTIN = {"arith": _arith, "geo": _geo, "shapes": _shapes, "exact_match": exact_match_scores, "length": length_scores}
+NAMES = ("arith", "geo", "shapes", "exact_match", "regex", "length", "module:function")
 
 
 def import_callable(spec: str) -> Callable:
