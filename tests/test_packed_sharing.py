@@ -1,6 +1,7 @@
 """Prefix sharing with the pairs packed into one row (logps ``pack_pairs``, dpo_accel/attention.py): exact
 against separate forwards (float64), sliding windows kept, no mask over the whole row, the CUDA block mask's
-definition checked on CPU, and the self-check choosing the layout."""
+definition checked on CPU, the self-check choosing the layout, and the layout chosen per batch by a cost
+fitted at start-up (packed pairs save padding, a padded row per pair saves attention calls)."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 from conftest import (ATOL, VOCAB, assert_grads_within, grads_of, lora_model, separate_reference, shared_prompt_batch,
                       tiny_llama)
 from dpo_accel.model.attention import PAIR_ATTENTION, PairSegments
-from dpo_accel.model.logps import (PreferenceLogpsModel, _pair_packed_inputs, concatenated_inputs,
-                                   concatenated_logps, decision_line, processed_tokens, settle_logps_path)
+from dpo_accel.model.logps import (LayoutCost, PreferenceLogpsModel, _pair_packed_inputs, attention_calls,
+                                   calibrate_layout_cost, concatenated_inputs, concatenated_logps, decision_line,
+                                   processed_tokens, settle_logps_path)
 
 
 def assert_equal_to_separate(model, batch, atol, grad_rtol, **opts):
@@ -150,3 +152,76 @@ def test_a_switched_model_still_runs_plain_sdpa_outside_the_layout():
         generated = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(after[mask.bool()], before[mask.bool()], atol=0, rtol=0)
     assert generated.shape == (1, 7)
+
+
+# ------------------------------------------------------------------------------ layout chosen per batch
+
+def uniform_pairs(pairs: int, prompt: int, answer: int, long_pair: int = 0) -> dict:
+    """`pairs` pairs sharing a `prompt`-token prompt with `answer`-token answers; the last pair's answers
+    `long_pair` tokens longer (so padded rows pay for it)."""
+    g = torch.Generator().manual_seed(pairs + prompt + answer + long_pair)
+    width = prompt + answer + long_pair
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = torch.zeros(pairs, width, dtype=torch.long)
+        mask = torch.zeros(pairs, width, dtype=torch.long)
+        for b in range(pairs):
+            n = prompt + answer + (long_pair if b == pairs - 1 else 0)
+            ids[b, :prompt] = torch.arange(3, 3 + prompt)
+            ids[b, prompt:n] = torch.randint(3, VOCAB, (n - prompt,), generator=g)
+            mask[b, :n] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :prompt] = -100
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    return batch
+
+
+def test_the_cost_model_puts_many_short_pairs_in_padded_rows_and_uneven_ones_packed():
+    cost = LayoutCost(per_call=1e-3, per_token=1e-5, candidates=("packed_shared", "shared"))
+    short = uniform_pairs(8, prompt=40, answer=10)  # equal lengths: padding costs nothing, 16 calls do
+    assert attention_calls(short, "packed_shared") == 16 and attention_calls(short, "shared") == 1
+    assert processed_tokens(short, "packed_shared") == processed_tokens(short, "shared")
+    assert cost.choose(short) == "shared"
+    uneven = uniform_pairs(8, prompt=40, answer=10, long_pair=400)  # one long pair pads the other seven
+    assert cost.seconds(uneven, "packed_shared") < cost.seconds(uneven, "shared")
+    assert cost.choose(uneven) == "packed_shared"
+    assert attention_calls(uneven, "packed_shared", flex=True) == 1  # one block-mask call on CUDA
+
+
+def test_calibration_recovers_the_cost_per_call_and_per_token(monkeypatch):
+    """Timings made of a known cost (plus a term every layout shares, which grows with the batch) give back
+    the known coefficients; a single pair cannot tell them apart."""
+    from dpo_accel.model import logps
+
+    def timed(model, batch, layout, repeats, **opts):
+        shared_work = 0.01 * batch["chosen_input_ids"].shape[0]  # the LM head on the same labels
+        return shared_work + 2e-3 * attention_calls(batch, layout) + 3e-5 * processed_tokens(batch, layout)
+
+    monkeypatch.setattr(logps, "_forward_seconds", timed)
+    batch = uniform_pairs(8, prompt=30, answer=6, long_pair=50)
+    cost = calibrate_layout_cost(None, batch, ("packed_shared", "shared"))
+    assert cost.per_call == pytest.approx(2e-3, rel=1e-9) and cost.per_token == pytest.approx(3e-5, rel=1e-9)
+    assert calibrate_layout_cost(None, uniform_pairs(1, 30, 6), ("packed_shared", "shared")) is None
+
+
+def test_each_batch_runs_exactly_in_the_layout_its_cost_picks(monkeypatch):
+    """With a cost that sends short batches to padded rows and uneven ones to packed pairs, the module runs
+    each batch in its pick and both equal separate forwards (float64)."""
+    from dpo_accel.model import logps
+
+    module = PreferenceLogpsModel(lora_model().to(torch.float64), prefix_sharing=None, chunk_size=5)
+    line = settle_logps_path(module, shared_prompt_batch())
+    assert module.decision.padded_exact and module.decision.cost is not None, line
+    assert "or one padded row per pair (4D mask), by layout per batch by measured cost" in line
+    module.decision.cost = LayoutCost(1e-3, 1e-5, ("packed_shared", "shared"))
+    seen = []
+    real = logps.concatenated_logps
+    monkeypatch.setattr(logps, "concatenated_logps", lambda *a, **k: seen.append(k["pack_pairs"]) or real(*a, **k))
+    for batch, packed in ((uniform_pairs(4, prompt=6, answer=3), False),
+                          (uniform_pairs(4, prompt=6, answer=3, long_pair=300), True)):
+        assert module.layout_of(batch) == ("packed_shared" if packed else "shared")
+        got = module(**batch)
+        reference = separate_reference(module.model, batch)
+        for key in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(got[key], reference[key], atol=1e-10, rtol=0)
+        assert seen[-1] is packed

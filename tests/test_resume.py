@@ -44,7 +44,7 @@ def assert_bitwise(straight_steps, straight_weights, out):
         assert torch.equal(weights[name], tensor), name
 
 
-def test_resume_mid_epoch_2_and_3_is_bitwise_the_straight_run(tiny_model_dir, tmp_path):
+def test_resume_mid_epoch_2_and_3_is_bitwise_the_straight_run(tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     overrides = tiny_overrides(tiny_model_dir, out, **EPOCHS)
     train.run(load_recipe(None, overrides))
@@ -54,6 +54,7 @@ def test_resume_mid_epoch_2_and_3_is_bitwise_the_straight_run(tiny_model_dir, tm
         stop_after(out, stop)
         reset_accelerate()
         train.run(load_recipe(None, overrides), resume=True)
+        assert "as the run measured it" in capsys.readouterr().out  # each batch in the layout it had
         assert_bitwise(straight_steps, straight_weights, out)
 
 

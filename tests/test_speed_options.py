@@ -265,6 +265,14 @@ def test_prefix_sharing_is_the_default_and_trains_like_stacked_rows(tiny_model_d
         assert stacked["processed_tokens_per_second"] / stacked["tokens_per_second"] >= 1.0
 
 
+def test_the_run_keeps_its_fitted_layout_cost_for_a_resume(plain_run):
+    """Packed pairs and padded rows are both exact for the tiny Llama, so the run timed them and chose per
+    batch; the fitted cost is in the run folder, where a --resume reads it back (tests/test_resume.py)."""
+    with open(os.path.join(plain_run[0], "layout_cost.json")) as f:
+        cost = json.load(f)
+    assert cost["candidates"] == ["packed_shared", "shared"] and cost["per_call"] >= 0 and cost["per_token"] >= 0
+
+
 def test_packing_checkpointing_and_auto_batch_in_the_real_loop(tiny_model_dir, plain_run, tmp_path, monkeypatch,
                                                                capsys):
     """padding_free + gradient_checkpointing + auto_find_batch_size (on a machine where more than 2 pairs

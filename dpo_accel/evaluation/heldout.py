@@ -8,7 +8,7 @@ import torch
 
 from dpo_accel.data.unpaired import kto_inputs
 from dpo_accel.objectives.registry import compute_objective
-from dpo_accel.evaluation.metrics import MetricAccumulator, example_metrics
+from dpo_accel.evaluation.metrics import MetricAccumulator, batch_layout, example_metrics
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def evaluate_preferences(accelerator, model, reference, loader, loss_cfg) -> dic
     ``loss_cfg``: the run's ``objectives.registry.LossPlan`` (or a LossConfig)."""
     was_training = model.training
     model.eval()
-    acc = MetricAccumulator(accelerator, accelerator.unwrap_model(model).layout)
+    acc = MetricAccumulator(accelerator, batch_layout(accelerator.unwrap_model(model)))
     for batch in loader:
         policy = model(**batch)
         ref = reference.logps(batch, "eval")

@@ -68,9 +68,11 @@ class MetricAccumulator:
     Every process must call `collect()` at the same step (it is a collective).
     """
 
-    def __init__(self, accelerator, layout: str = "concat"):
+    def __init__(self, accelerator, layout="concat"):
         self.accelerator = accelerator
-        self.layout = layout  # how the decoder sees a batch (PreferenceLogpsModel.layout): sets the processed tokens
+        # How the decoder sees a batch, which sets the processed tokens: a layout name, or a function of the
+        # batch (PreferenceLogpsModel.layout_of, where the layout is chosen per batch)
+        self.layout = layout
         self.pending: list[tuple[dict[str, torch.Tensor], Optional[int]]] = []
         self.batches: list[dict] = []
 
@@ -106,11 +108,17 @@ class MetricAccumulator:
             means[k] = float(values.mean())
         real = processed = 0.0
         for batch in batches:
-            r, p = token_counts(batch, self.layout)
+            r, p = token_counts(batch, self.layout(batch) if callable(self.layout) else self.layout)
             real, processed = real + r, processed + p
         counts = torch.tensor([real, processed], dtype=torch.float64, device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
         return Report(means, float(counts[0]), float(counts[1]), sum(p.shape[0] for p in pieces))
+
+
+def batch_layout(model):
+    """What a `MetricAccumulator` reads a batch's layout from: the log-prob module's per-batch choice
+    (``layout_of``) where it has one, else its settled ``layout``."""
+    return getattr(model, "layout_of", None) or model.layout
 
 
 def token_counts(batch: dict, layout: str = "concat") -> tuple[float, float]:

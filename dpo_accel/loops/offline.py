@@ -11,7 +11,7 @@ import torch
 
 from dpo_accel.config.plan import Plan
 from dpo_accel.data.unpaired import kto_inputs
-from dpo_accel.evaluation.metrics import MetricAccumulator, example_metrics
+from dpo_accel.evaluation.metrics import MetricAccumulator, batch_layout, example_metrics
 from dpo_accel.loops.finish import held_out_metrics
 from dpo_accel.loops.policy_run import PolicyRun, run_policy
 from dpo_accel.objectives.registry import compute_objective
@@ -24,7 +24,7 @@ class OfflineKind:
 
     def __init__(self, run: PolicyRun):
         self.run = run
-        self.metrics = MetricAccumulator(run.accelerator, run.plan.layout)
+        self.metrics = MetricAccumulator(run.accelerator, batch_layout(run.accelerator.unwrap_model(run.model)))
 
     def batches(self, engine):
         return engine.fixed_batches(self.run.train_loader, self.run.sampler)

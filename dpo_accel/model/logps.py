@@ -267,6 +267,90 @@ def processed_tokens(batch: dict, layout: str) -> int:
     return len(masks) * masks[0].shape[0] * int(max(int(n.max()) for n in lengths))
 
 
+def attention_calls(batch: dict, layout: str, flex: bool = False) -> int:
+    """Attention kernel calls per layer for `batch` under `layout`: one over the whole batch, except packed pairs
+    without FlexAttention (the CPU), which call SDPA per pair for its chosen part and for its rejected rest."""
+    if layout != "packed_shared" or flex or "rejected_attention_mask" not in batch:
+        return 1
+    rest = batch["rejected_attention_mask"].sum(-1) - shared_prefix_lengths(batch)
+    return int(batch["chosen_attention_mask"].shape[0] + (rest > 0).sum())
+
+
+class LayoutCost:
+    """A batch's forward time under each exact layout, modelled as ``per_call`` x attention calls +
+    ``per_token`` x processed tokens (plus what every layout shares: the LM head on the same label tokens),
+    with both coefficients fitted on this machine at start-up (`calibrate_layout_cost`). ``choose`` picks the
+    cheapest of ``candidates`` for a batch: packed pairs save padding, one padded row per pair saves calls,
+    so many short pairs go padded and long ones packed."""
+
+    def __init__(self, per_call: float, per_token: float, candidates: tuple, flex: bool = False):
+        self.per_call, self.per_token, self.candidates, self.flex = per_call, per_token, tuple(candidates), flex
+
+    def seconds(self, batch: dict, layout: str) -> float:
+        return (self.per_call * attention_calls(batch, layout, self.flex)
+                + self.per_token * processed_tokens(batch, layout))
+
+    def choose(self, batch: dict) -> str:
+        return min(self.candidates, key=lambda layout: self.seconds(batch, layout))
+
+    def as_dict(self) -> dict:
+        return {"per_call": self.per_call, "per_token": self.per_token, "candidates": list(self.candidates),
+                "flex": self.flex}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayoutCost":
+        return cls(d["per_call"], d["per_token"], tuple(d["candidates"]), d["flex"])
+
+    def describe(self) -> str:
+        return (f"layout per batch by measured cost ({self.per_call * 1e3:.2f} ms per attention call, "
+                f"{self.per_token * 1e6:.1f} us per token; {' or '.join(self.candidates)})")
+
+
+LAYOUT_OPTIONS = {"packed_shared": dict(prefix_sharing=True, pack_pairs=True),
+                  "shared": dict(prefix_sharing=True, pack_pairs=False),
+                  "concat": dict(prefix_sharing=False, pack_pairs=False)}
+
+
+def _first_pairs(batch: dict, n: int) -> dict:
+    return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v for k, v in batch.items()}
+
+
+def _forward_seconds(model: torch.nn.Module, batch: dict, layout: str, repeats: int, **opts) -> float:
+    """The fastest of `repeats` forwards (no gradients) of `batch` under `layout`."""
+    import time
+
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        concatenated_logps(model, batch, **LAYOUT_OPTIONS[layout], **opts)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrate_layout_cost(model: torch.nn.Module, batch: dict, candidates: tuple, *, flex: bool = False,
+                          repeats: int = 3, **opts) -> Optional[LayoutCost]:
+    """Fit `LayoutCost` from timed forwards of `batch`, its first half and first quarter under each candidate
+    layout: the differences between layouts on one batch cancel what they share, leaving calls and tokens.
+    None where the batch cannot tell the two apart (a single pair, or a singular fit)."""
+    sizes = sorted({max(1, batch["chosen_input_ids"].shape[0] // d) for d in (1, 2, 4)}, reverse=True)
+    if len(candidates) < 2 or sizes[0] < 2:
+        return None
+    rows, seconds = [], []
+    for size in sizes:
+        sub = _first_pairs(batch, size)
+        times = {layout: _forward_seconds(model, sub, layout, repeats, **opts) for layout in candidates}
+        base = candidates[-1]
+        for layout in candidates[:-1]:
+            rows.append([attention_calls(sub, layout, flex) - attention_calls(sub, base, flex),
+                         processed_tokens(sub, layout) - processed_tokens(sub, base)])
+            seconds.append(times[layout] - times[base])
+    a = torch.tensor(rows, dtype=torch.float64)
+    if torch.linalg.matrix_rank(a) < 2:
+        return None
+    per_call, per_token = torch.linalg.lstsq(a, torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)).solution.flatten()
+    return LayoutCost(max(float(per_call), 0.0), max(float(per_token), 0.0), candidates, flex)
+
+
 def shared_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chosen: int):
     """One row per pair, ``[chosen (c tokens) | rejected tokens after the shared prefix (r - s)]``, right-padded:
     ids [B, L], own-row positions [B, L], real-token flags [B, L], and per pair s, c and c + r - s [B]."""
@@ -676,6 +760,15 @@ def relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
+def broadcast_cost(cost: Optional[LayoutCost]) -> Optional[LayoutCost]:
+    """Rank 0's fitted cost on every process, so every rank runs a batch in the same layout."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return cost
+    box = [cost]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _probe(batch: dict, model: torch.nn.Module, pairs: int = 2) -> dict:
     """The first ``pairs`` pairs of a batch (tensors sliced on rows, other keys dropped), on the model's device."""
     param = next(model.parameters(), None)
@@ -745,6 +838,8 @@ class PathDecision:
         self.sharing_diff: Optional[float] = None  # prefix-shared vs stacked rows (relative)
         self.sharing_reason = "not checked yet"
         self.pack_pairs: bool = False  # with sharing: the pairs packed into one row (else one padded row per pair)
+        self.padded_exact: bool = False  # with packed pairs exact: whether a padded row per pair is exact too
+        self.cost: Optional[LayoutCost] = None  # both exact: the fitted cost that picks one per batch
         self.layout_text = ""  # with sharing: how the pairs reach the decoder (the start-up line names it)
 
 
@@ -829,6 +924,8 @@ def choose_shared_layout(model: torch.nn.Module, probe: dict, decision: PathDeci
         decision.pack_pairs = ok
         if not ok:
             config._attn_implementation = impl  # back to what the model had
+        elif pack_pairs is None:  # auto: a padded row per pair too, if exact, for the batches it runs faster
+            decision.padded_exact = attempt(False)[0]
     elif pack_pairs is True:
         raise ValueError(f"train.pack_pairs: true runs on SDPA attention; model type '{family}' uses "
                          f"'{impl}'; set train.pack_pairs: null or false")
@@ -910,6 +1007,8 @@ def decision_line(decision: PathDecision, hf_model: torch.nn.Module) -> str:
                 f"{cost} per 1k tokens of the batch, vocab {vocab})")
     sharing = "on" if decision.sharing else "off"
     layout = f"; {decision.layout_text}" if decision.sharing and decision.layout_text else ""
+    if decision.sharing and decision.cost is not None:
+        layout += f" or one padded row per pair (4D mask), by {decision.cost.describe()}"
     return f"{path} | prefix sharing {sharing}: {decision.sharing_reason}{layout}"
 
 
@@ -922,15 +1021,18 @@ class PreferenceLogpsModel(torch.nn.Module):
     merge through it); the options are plain attributes and may be changed between calls.
 
     ``logps_path`` ("auto", "lean", "full"; ``naive=True`` is "full"), ``prefix_sharing`` and ``pack_pairs``
-    (None = auto: the pairs packed into one row where exact, else one padded row per pair) are settled by `settle_logps_path` on a probe batch before training, or else on the first batch this
-    module sees (its first two pairs). On an MoE model (``router_aux`` None = auto) the output gains
+    (None = auto: the pairs packed into one row where exact, else one padded row per pair; where both are
+    exact, each batch in the one a cost fitted at start-up calls cheaper, or in ``layout_cost``'s pick when
+    given) are settled by `settle_logps_path` on a probe batch before training, or else on the first batch
+    this module sees (its first two pairs). On an MoE model (``router_aux`` None = auto) the output gains
     ``aux_loss`` / ``aux_loss_coef`` whenever gradients are on, so a reference forward never computes it.
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = 256, chunk_mb: Optional[float] = 64.0,
                  wpo: bool = False,
                  naive: bool = False, packing: bool = False, prefix_sharing: Optional[bool] = False,
-                 pack_pairs: Optional[bool] = None, logps_path: str = "auto", router_aux: Optional[bool] = None):
+                 pack_pairs: Optional[bool] = None, logps_path: str = "auto", router_aux: Optional[bool] = None,
+                 layout_cost: Optional[LayoutCost] = None):
         super().__init__()
         if logps_path not in ("auto", "lean", "full"):
             raise ValueError(f"logps_path must be auto, lean or full; got '{logps_path}'")
@@ -950,6 +1052,7 @@ class PreferenceLogpsModel(torch.nn.Module):
         self.pack_pairs = (self.prefix_sharing and pack_pairs is not False
                            and getattr(config, "_attn_implementation", None) in ("sdpa", PAIR_ATTENTION))
         self.router_aux = router_aux_spec(hf_model) is not None if router_aux is None else router_aux
+        self.layout_cost = layout_cost  # a cost fitted elsewhere (the policy's, for its reference copy): not re-timed
         self.decision: Optional[PathDecision] = None
         if self.requested_path == "full" and prefix_sharing is not None:  # nothing left to check
             self.decision = PathDecision()
@@ -981,21 +1084,50 @@ class PreferenceLogpsModel(torch.nn.Module):
         return _prefix_sharing_problem(unwrap_decoder(_unwrap_for_config(self.model)).config) or "not checked yet"
 
     def settle(self, probe: dict) -> PathDecision:
-        """Run the self-check on ``probe`` and adopt its path and layout."""
+        """Run the self-check on ``probe`` (its first two pairs) and adopt its path and layout; where packed
+        pairs and a padded row per pair are both exact, time them on the whole probe and keep the fitted
+        `LayoutCost`, which then picks the cheaper one for every batch."""
         self.decision = self_check(self.model, _probe(probe, self.model), path=self.requested_path,
                                    prefix_sharing=self.requested_sharing, packing=self.packing,
                                    chunk_size=self.chunk_size, chunk_mb=self.chunk_mb, pack_pairs=self.requested_pack)
         self.prefix_sharing = bool(self.decision.sharing)
         self.pack_pairs = self.prefix_sharing and self.decision.pack_pairs
+        if self.pack_pairs and self.decision.padded_exact:
+            self.decision.cost = self.layout_cost or self.calibrate(
+                _probe(probe, self.model, pairs=probe["chosen_input_ids"].shape[0]))
         return self.decision
+
+    def calibrate(self, batch: dict) -> Optional[LayoutCost]:
+        """The fitted cost of packed pairs against a padded row per pair (`calibrate_layout_cost`), measured
+        the way training runs (no gradients, the model's own dtype), agreed by every process."""
+        from dpo_accel.model.attention import flex_available
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                cost = calibrate_layout_cost(self.model, batch, ("packed_shared", "shared"),
+                                             flex=flex_available(batch["chosen_input_ids"].device),
+                                             chunk_size=self.chunk_size, chunk_mb=self.chunk_mb, naive=self.naive)
+        finally:
+            self.model.train(was_training)
+        return broadcast_cost(cost)
+
+    def layout_of(self, batch: dict) -> str:
+        """The layout this batch runs in: the fitted cost's pick where there is one, else the settled layout."""
+        cost = self.decision.cost if self.decision is not None else None
+        if cost is not None and not self.packing and "rejected_input_ids" in batch:
+            return cost.choose(batch)
+        return self.layout
 
     def forward(self, **batch) -> dict:
         """``module(**batch)`` -> the dict of `concatenated_logps`; keys outside the contract are ignored."""
         if self.decision is None:
             self.settle(batch)
+        pack_pairs = self.pack_pairs and self.layout_of(batch) == "packed_shared"
         return concatenated_logps(self.model, batch, chunk_size=self.chunk_size, chunk_mb=self.chunk_mb, wpo=self.wpo,
                                   naive=self.naive, packing=self.packing, prefix_sharing=self.prefix_sharing,
-                                  pack_pairs=self.pack_pairs, router_aux=self.router_aux and torch.is_grad_enabled())
+                                  pack_pairs=pack_pairs, router_aux=self.router_aux and torch.is_grad_enabled())
 
 
 def settle_logps_path(module: PreferenceLogpsModel, probe_batch: dict, requested: str = "auto") -> str:
