@@ -423,3 +423,16 @@ def test_auto_dtype_loads_a_bf16_base_and_keeps_the_adapter_float32(tiny_model_d
     assert "model.dtype auto -> float32 (no bf16 matrix units" in capsys.readouterr().out
     run_loop(tiny_model_dir, str(tmp_path / "full"), **{"model.dtype": "auto", "lora.use_peft": False})
     assert "model.dtype auto -> float32 (weights that train in full" in capsys.readouterr().out
+
+
+def test_generation_benchmark_smoke(tiny_model_dir, tmp_path):
+    """The sampling benchmark runs both rows on the same prompts and counts the tokens each generated."""
+    from benchmarks import bench_generation
+
+    summary = bench_generation.main(["--model", tiny_model_dir, "--repeats", "1", "--prompts", "3", "--samples", "2",
+                                     "--max-new-tokens", "5", "--output-dir", str(tmp_path / "run"),
+                                     "--json", str(tmp_path / "gen.json")])
+    for row in ("dpo_accel", "plain"):
+        assert 3 <= summary[row]["tokens_per_call"] <= 3 * 2 * 5 and summary[row]["tokens_per_second"] > 0
+    assert summary["setup"]["prompts"] == 3 and summary["ratio"] > 0
+    assert json.load(open(tmp_path / "gen.json"))["setup"]["samples"] == 2
