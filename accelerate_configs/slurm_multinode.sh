@@ -1,10 +1,14 @@
 #!/bin/bash
 # DPO on several machines under Slurm: one `accelerate launch` per node (srun, one task per node), each
-# starting one process per GPU; machine counts, ranks and the main address come from Slurm.
-#   sbatch --nodes 2 accelerate_configs/slurm_multinode.sh recipes/smollm2_arith_full.yaml [--set train.max_steps=100 ...]
-#   CONFIG=accelerate_configs/deepspeed_zero3.yaml sbatch --nodes 4 accelerate_configs/slurm_multinode.sh recipes/X.yaml
-# Run one node's share by hand (what srun runs on each node): NODE_RANK=0 NNODES=2 MASTER_ADDR=host0 GPUS_PER_NODE=8 \
-#   bash accelerate_configs/slurm_multinode.sh recipes/X.yaml        # and NODE_RANK=1 on the second machine
+# starting one process per GPU; machine counts, ranks and the main address come from Slurm. Arguments after
+# the recipe go to train.py; CONFIG= picks another launch config (default accelerate_configs/multi_node.yaml).
+#   sbatch --nodes 2 accelerate_configs/slurm_multinode.sh recipes/smollm2_arith_full.yaml \
+#       --set train.max_steps=100   # needs a GPU
+#   CONFIG=accelerate_configs/deepspeed_zero3.yaml sbatch --nodes 4 accelerate_configs/slurm_multinode.sh \
+#       recipes/smollm2_arith_full.yaml   # needs a GPU
+# One node's share by hand (what srun runs on each node; NODE_RANK=1 on the second machine):
+#   NODE_RANK=0 NNODES=2 MASTER_ADDR=host0 GPUS_PER_NODE=8 bash accelerate_configs/slurm_multinode.sh \
+#       recipes/smollm2_arith_full.yaml   # needs a GPU
 #SBATCH --job-name=dpo_accel
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -1,4 +1,4 @@
-"""Print the README's table of model families, from the checks of tests/test_families.py.
+"""Print the table of model families of docs/internals.md, from the checks of tests/test_families.py.
 
 Each family's tiny random model (with LoRA) runs the same checks as the tests: the start-up self-check
 (lean or full log-probs, prefix sharing on or off and why) and every public way to get the log-probs,
@@ -6,7 +6,7 @@ compared with separate unpadded forwards of each sequence. About a minute on 2 C
 
     python scripts/families_table.py                  # markdown to stdout
     python scripts/families_table.py --json out.json  # also every family's measured facts and start-up line
-    python scripts/families_table.py --check README.md   # exit 1 if README.md lacks the current table
+    python scripts/families_table.py --check docs/internals.md   # exit 1 if the page lacks the current table
 """
 import argparse
 import json
