@@ -12,12 +12,14 @@ optional ones):
 
     naive             two separate forwards (chosen, rejected) through the full [B, T, V] logits, float32
                       log_softmax, random batches; the reference the same with the LoRA adapter switched off
-    default           dpo_accel's recipe defaults, which are also its fastest float32 configuration: one
-                      forward per batch with prefix sharing (each pair's prompt run once: a segment
-                      [prompt | chosen answer | rejected answer] whose rejected answer does not see the chosen
-                      one), the pairs packed into one row with no padding and attention run per pair (no mask
-                      over the row), LM head on label positions only in chunks sized by the vocabulary (64 MiB,
-                      at most 256 positions), length-grouped batches
+    default           dpo_accel's recipe defaults: model.dtype auto (a bf16 frozen base under the float32 LoRA
+                      adapter where the device has bf16 matrix units, else float32), one forward per batch
+                      with prefix sharing (each pair's prompt run once: a segment [prompt | chosen answer |
+                      rejected answer] whose rejected answer does not see the chosen one), each batch either
+                      packed into one row with attention run per pair or as one padded row per pair,
+                      whichever a cost fitted at start-up calls cheaper, LM head on label positions only in
+                      chunks sized by the vocabulary (64 MiB, at most 256 positions), length-grouped batches
+    default_fp32      default with float32 weights (model.dtype float32: the default before auto)
     fastest_bf16      + bf16 weights (model.dtype bfloat16; LoRA stays float32) and bf16 autocast
     leanest           + gradient checkpointing (non-reentrant), 128-position chunks, bf16 weights + autocast
     default_pre, fastest_bf16_pre
@@ -95,12 +97,14 @@ IGNORE_INDEX = -100
 # name -> what it is. "kind": ours | naive | trl; the rest are recipe switches of our loop.
 CONFIGS = {
     "naive": dict(kind="naive", label="naive: 2 forwards, full logits, random batches"),
-    "default": dict(kind="ours", label="dpo_accel default = fastest fp32 (prefix sharing, packed pairs, lean log-probs)"),
+    "default": dict(kind="ours", label="dpo_accel default (model.dtype auto, prefix sharing, layout per batch, lean "
+                                       "log-probs)", dtype="auto"),
+    "default_fp32": dict(kind="ours", label="dpo_accel default with float32 weights (model.dtype float32)"),
     "fastest_bf16": dict(kind="ours", label="dpo_accel fastest bf16 (default + bf16 weights + autocast)",
                          bf16=True, bf16_weights=True),
     "leanest": dict(kind="ours", label="dpo_accel leanest (grad ckpt, chunk 128, bf16 weights + autocast)",
                     gradient_checkpointing=True, chunk_size=128, bf16=True, bf16_weights=True),
-    "default_pre": dict(kind="ours", label="default fp32, reference precomputed", precomputed=True),
+    "default_pre": dict(kind="ours", label="default, reference precomputed", precomputed=True, dtype="auto"),
     "fastest_bf16_pre": dict(kind="ours", label="fastest bf16, reference precomputed", bf16=True,
                              bf16_weights=True, precomputed=True),
     "unshared": dict(kind="ours", label="default without prefix sharing (stacked [2B, T] rows)", prefix_sharing=False),
@@ -318,10 +322,12 @@ def base_parameter_count(model: torch.nn.Module) -> int:
 
 def recipe_for(setup: Setup, cfg: dict):
     from dpo_accel.config.load import recipe_from_dict
+    from dpo_accel.model.speed import on_gpu, resolve_model_dtype
 
     r = max(setup.lora_r, 1)
-    return recipe_from_dict({
-        "model": {"model_name_or_path": setup.model_path, "dtype": "bfloat16" if cfg.get("bf16_weights") else "float32",
+    recipe = recipe_from_dict({
+        "model": {"model_name_or_path": setup.model_path,
+                  "dtype": cfg.get("dtype") or ("bfloat16" if cfg.get("bf16_weights") else "float32"),
                   "gradient_checkpointing": bool(cfg.get("gradient_checkpointing", False))},
         "lora": {"use_peft": setup.lora_r > 0, "lora_r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0},
         "data": {"max_length": setup.max_length, "max_prompt_length": setup.max_prompt_length},
@@ -331,6 +337,8 @@ def recipe_for(setup: Setup, cfg: dict):
                   "pack_pairs": cfg.get("pack_pairs"),
                   "mixed_precision": "bf16" if cfg.get("bf16") else "no", "torch_compile": bool(cfg.get("compile"))},
     })
+    resolve_model_dtype(recipe, on_gpu())  # model.dtype auto, as preflight settles it
+    return recipe
 
 
 def naive_logps(model: torch.nn.Module, batch: dict) -> dict:
@@ -403,8 +411,8 @@ def run_ours(setup: Setup, name: str) -> dict:
         model = PreferenceLogpsModel(policy, chunk_size=recipe.train.logps_chunk_size, chunk_mb=recipe.train.logps_chunk_mb,
                                      packing=recipe.train.padding_free, prefix_sharing=recipe.train.prefix_sharing,
                                      pack_pairs=recipe.train.pack_pairs)
-        first = collate(dataset, list(range(min(2, len(dataset)))), tokenizer.pad_token_id)
-        model.settle(first)  # the start-up self-check (train.py's), so the layout is known before batching
+        first = collate(dataset, list(range(min(max(2, min(setup.batch_size, 8)), len(dataset)))), tokenizer.pad_token_id)
+        model.settle(first)  # the start-up self-check and layout timing (train.py's), before batching
         how = model.layout
         if recipe.train.torch_compile:
             compile_decoder(model)
@@ -454,7 +462,7 @@ def run_ours(setup: Setup, name: str) -> dict:
 
     times, cpu, real, unique, processed, losses = [], [], [], [], [], []
     for batch in batches:
-        counts = token_counts(batch, how)
+        counts = token_counts(batch, how if naive else accelerator.unwrap_model(model).layout_of(batch))
         batch = {k: v.to(device) for k, v in batch.items()}
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -475,7 +483,8 @@ def run_ours(setup: Setup, name: str) -> dict:
     peak, mem_kind = _peak_memory(device)
     return dict(times=times, cpu=cpu, real=real, unique=unique, processed=processed, losses=losses, peak=peak,
                 mem_kind=mem_kind,
-                n_params=n_params, lora=recipe.lora.use_peft, prepass=prepass, dtype="bfloat16" if cfg.get("bf16") else "float32",
+                n_params=n_params, lora=recipe.lora.use_peft, prepass=prepass,
+                dtype="bfloat16" if cfg.get("bf16") or recipe.model.dtype == "bfloat16" else "float32",
                 device=str(device), layout=how)
 
 

@@ -436,3 +436,15 @@ def test_generation_benchmark_smoke(tiny_model_dir, tmp_path):
         assert 3 <= summary[row]["tokens_per_call"] <= 3 * 2 * 5 and summary[row]["tokens_per_second"] > 0
     assert summary["setup"]["prompts"] == 3 and summary["ratio"] > 0
     assert json.load(open(tmp_path / "gen.json"))["setup"]["samples"] == 2
+
+
+def test_memory_benchmark_smoke(tiny_model_dir, tmp_path):
+    """Both allocator settings run in their own process and count what autograd saved, which grows with
+    the pair's length."""
+    from benchmarks import bench_memory
+
+    results = bench_memory.main(["--model", tiny_model_dir, "--lengths", "64,256", "--json", str(tmp_path / "m.json")])
+    assert set(results) == {"glibc", "returned"}
+    for rows in results.values():
+        assert [r["tokens"] for r in rows] == [64, 256] and 0 < rows[0]["saved_mib"] < rows[1]["saved_mib"]
+    assert json.load(open(tmp_path / "m.json")).keys() == results.keys()
