@@ -38,9 +38,10 @@ datasets.disable_progress_bars()
 
 @pytest.fixture(scope="module")
 def vlm_dir(smol_dir) -> str:
-    from dpo_accel.model.tiny_vlm import tiny_vlm_path
+    from dpo_accel.model.loading import resolve_model_path
+    from dpo_accel.model.tiny_vlm import TINY_VLM_ALIAS
 
-    return tiny_vlm_path()
+    return resolve_model_path(TINY_VLM_ALIAS)
 
 
 @pytest.fixture(scope="module")

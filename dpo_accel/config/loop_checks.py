@@ -1,5 +1,5 @@
-"""The rules of each way of training that no single key shows: what online and iterative DPO need, and the
-keys or combinations a loop kind cannot honour. Each returns one line saying what to change (None: nothing);
+"""The rules of each way of training that no single key shows: what online and iterative DPO need, the
+keys or combinations a loop kind cannot honour, and what a vision-language model's run cannot (yet) do. Each returns one line saying what to change (None: nothing);
 `validate` in dpo_accel/config/schema.py raises it before any compute."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 from dpo_accel.config.errors import RecipeError
 
-__all__ = ["check_iterative", "check_loop_kind", "check_online"]
+__all__ = ["check_iterative", "check_loop_kind", "check_online", "check_vision"]
 
 SCORER_KEYS = "train.online_verifier or train.online_reward_model"
 
@@ -117,4 +117,34 @@ def check_loop_kind(recipe) -> Optional[str]:
     if recipe.data.format in ("sft", "unpaired"):
         return (f"data.format '{recipe.data.format}' has no rejected answers; a reward model (loss_type bradley_terry) "
                 "trains on pairs")
+    return None
+
+
+# Keys a vision-language model's run cannot honour (its log-probs come from model.vision, not logps' text
+# paths): each (key, the value that asks for it, what to set instead).
+VISION_REFUSES = (
+    ("train.padding_free", True, "false"), ("train.pack_pairs", True, "null"), ("train.logps_path", "full", "auto"),
+    ("train.torch_compile", True, "false"), ("train.auto_find_batch_size", True, "false"),
+    ("model.load_in_4bit", True, "false"), ("lora.init_adapter", "set", "null"), ("eval.reward_model", "set", "null"),
+)
+
+
+def check_vision(recipe, family: str) -> Optional[str]:
+    """What a run of the vision-language model of type `family` cannot do (None: nothing); the policy run asks
+    once it has read the model's config, before any weight loads."""
+    t = recipe.train
+    if t.online_generations or t.iterative_rounds:
+        return (f"online and iterative DPO generate from text prompts; model type '{family}' is a vision-language "
+                f"model, which trains offline on fixed pairs for now (set train.online_generations: 0 and "
+                f"train.iterative_rounds: 0)")
+    types = loss_types(recipe)
+    if "bradley_terry" in types or "kto" in types or recipe.data.format in ("sft", "unpaired"):
+        return (f"a vision-language model (model type '{family}') trains on preference pairs; loss_type "
+                f"{recipe.loss.loss_type!r} / data.format '{recipe.data.format}' is not supported with images yet")
+    for key, asks, instead in VISION_REFUSES:
+        section, leaf = key.split(".")
+        value = getattr(getattr(recipe, section), leaf)
+        if (value is not None) if asks == "set" else value == asks:
+            return (f"{key} is {value!r}, which the vision-language model's log-prob path (model type '{family}') "
+                    f"does not support; set {key}: {instead}")
     return None

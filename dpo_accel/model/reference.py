@@ -3,7 +3,9 @@
 Every strategy answers ``logps(batch, split) -> dict | None`` with the same keys as the policy's
 log-prob module (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), computed without
 gradients. `build_reference` is the one factory (devices, sharding, the precomputed pre-pass); the
-training loop never asks which strategy it holds.
+training loop never asks which strategy it holds. A vision-language policy (`vision.VisionLogpsModel`) gets
+the same strategies through its own log-prob module: a copy is loaded as a VLM and takes the policy's
+settled layout, and every strategy receives the whole batch, image tensors included.
 """
 from __future__ import annotations
 
@@ -162,16 +164,34 @@ def reference_summary(mode: str, model: Optional[torch.nn.Module]) -> str:
             "precomputed": "precomputed log-probs (no reference model in memory)"}.get(mode, mode)
 
 
+def reference_copy(recipe: Recipe, policy_module: torch.nn.Module, path: str, device) -> tuple:
+    """(the frozen copy's HF model, its log-prob module): the policy's kind of module, a causal LM's with the
+    recipe's options, a VLM's with the policy's settled layout."""
+    from dpo_accel.model.loading import load_frozen_copy, load_frozen_vision_copy
+    from dpo_accel.model.logps import PreferenceLogpsModel
+    from dpo_accel.model.vision import VisionLogpsModel
+
+    r, t = recipe.reference, recipe.train
+    if isinstance(policy_module, VisionLogpsModel):
+        copy = load_frozen_vision_copy(path, recipe.model, r.dtype, device)
+        return copy, VisionLogpsModel(copy, chunk_size=t.logps_chunk_size, chunk_mb=t.logps_chunk_mb,
+                                      settled_layout=policy_module.vision_layout)
+    init = None if r.ref_model_name_or_path else recipe.lora.init_adapter  # the reference = the policy's start
+    copy = load_frozen_copy(path, recipe.model, r.dtype, device, init_adapter=init)
+    decision = getattr(policy_module, "decision", None)  # the policy's fitted layout cost: the same pick per batch
+    return copy, PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size, packing=t.padding_free,
+                                      prefix_sharing=t.prefix_sharing, layout_cost=decision and decision.cost)
+
+
 def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, model_path: str, tokenized,
                     collator) -> tuple[object, Optional[torch.nn.Module]]:
     """The reference strategy for `mode` (see `resolve_mode`) and, for a frozen copy, the copy's HF model
     (for the start-up line). A copy is placed as the policy's backend needs (`distributed.place_reference`);
     a precomputed reference runs its pre-pass here, before training, with the policy in eval mode."""
     from dpo_accel.model.distributed import place_reference, reference_load_device
-    from dpo_accel.model.logps import PreferenceLogpsModel
-    from dpo_accel.model.loading import load_frozen_copy, resolve_model_path
+    from dpo_accel.model.loading import resolve_model_path
 
-    r, t = recipe.reference, recipe.train
+    r = recipe.reference
     if mode == "none":
         return NoReference(), None
     if mode == "adapter_off" or (mode == "precomputed" and recipe.lora.use_peft and not r.ref_model_name_or_path):
@@ -181,10 +201,7 @@ def build_reference(accelerator, recipe: Recipe, mode: str, prepared_model, mode
         path = resolve_model_path(r.ref_model_name_or_path) if r.ref_model_name_or_path else model_path
         placed = mode == "copy"  # a precomputed pre-pass keeps a replica: its cache key hashes the full weights
         device = reference_load_device(accelerator) if placed else accelerator.device
-        init = None if r.ref_model_name_or_path else recipe.lora.init_adapter  # the reference = the policy's start
-        copy = load_frozen_copy(path, recipe.model, r.dtype, device, init_adapter=init)
-        module = PreferenceLogpsModel(copy, chunk_size=t.logps_chunk_size, packing=t.padding_free,
-                                      prefix_sharing=t.prefix_sharing)
+        copy, module = reference_copy(recipe, accelerator.unwrap_model(prepared_model), path, device)
         source = CopyReference(place_reference(accelerator, module) if placed else module, accelerator.autocast)
         source_model = copy
     if mode != "precomputed":

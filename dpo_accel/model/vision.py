@@ -30,7 +30,9 @@ the image features into the placeholders, language model) and the chunked LM hea
   whose rows outrun a window the forward cannot take per layer type, runs stacked (exact either way).
 
 `vision_layout` says, from the config, which layout a family gets and why; families without rules here
-run stacked.
+run stacked. `VisionLogpsModel` is the training module (one forward for ``accelerator.prepare``, as
+`logps.PreferenceLogpsModel` is for a causal LM); its start-up self-check runs the shared layout against
+stacked rows on a probe batch and keeps stacked, saying why, where they differ.
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ from typing import Optional
 
 import torch
 
-from dpo_accel.model.logps import (IGNORE_INDEX, PREFIX_SHARING_ATTENTION, attention_windows, check_padding,
-                                   concatenated_inputs, lean_token_logps, logit_transform, sequence_logps,
+from dpo_accel.config.errors import RecipeError
+from dpo_accel.model.logps import (IGNORE_INDEX, PREFIX_SHARING_ATTENTION, SELF_CHECK_RTOL, SELF_CHECK_RTOL_16BIT,
+                                   attention_windows, check_padding, concatenated_inputs, float32_weights,
+                                   lean_token_logps, logit_transform, relative_difference, sequence_logps,
                                    shared_prefix_lengths, shared_rows, unwrap_decoder)
 
 LAYOUTS = ("shared", "stacked")
@@ -338,6 +342,95 @@ def vision_concatenated_logps(model: torch.nn.Module, batch: dict, *, layout: st
     vocab = getattr(head, "out_features", None) or text.vocab_size
     token_logps, wpo_adjust = lean_token_logps(head, transform, wpo, hidden, targets, chunk_size, chunk_mb, vocab)
     return sequence_logps(token_logps, wpo_adjust, rows, next_labels, B, wpo)
+
+
+# ------------------------------------------------------------------------------------ the training module
+
+def layout_difference(model: torch.nn.Module, probe: dict, chunk_size: int = 256,
+                      chunk_mb: Optional[float] = 64.0) -> tuple[float, float]:
+    """(relative difference of the shared layout's log-probs from the stacked rows' on `probe`, the tolerance
+    that calls them equal): no gradients, eval mode, no autocast, 16-bit weights held as float32 (so the
+    measure is the layouts' structure, not two roundings of 16-bit arithmetic)."""
+    was_training = model.training
+    model.eval()
+    device_type = probe["chosen_input_ids"].device.type
+    try:
+        with torch.no_grad(), torch.autocast(device_type, enabled=False), float32_weights(model) as upcast:
+            param = next(unwrap_decoder(model).parameters())
+            rtol = SELF_CHECK_RTOL[torch.float32] if upcast else SELF_CHECK_RTOL.get(param.dtype, SELF_CHECK_RTOL_16BIT)
+            shared, stacked = (vision_concatenated_logps(model, probe, layout=layout, chunk_size=chunk_size,
+                                                         chunk_mb=chunk_mb) for layout in LAYOUTS)
+    finally:
+        model.train(was_training)
+    return relative_difference(shared, stacked), rtol
+
+
+class VisionLogpsModel(torch.nn.Module):
+    """A vision-language model plus `vision_concatenated_logps` as ONE module forward: give this module, not the
+    HF model, to ``accelerator.prepare`` (DDP / FSDP then see one forward covering the vision tower, the
+    language model and the chunked LM head). ``.model`` is the (peft) HF model, saved and merged through it.
+
+    ``prefix_sharing`` (train.prefix_sharing): None, the layout `vision_layout` gives the family; False,
+    stacked rows; True, shared or one RecipeError line. `settle` (the start-up self-check, on a probe batch
+    of a couple of real pairs) keeps stacked rows where the shared layout's log-probs differ from theirs;
+    a module not settled settles on the first batch it sees; ``settled_layout`` (a reference copy taking
+    the policy's finding) settles it at once. ``layout`` speaks the text module's names ("shared" /
+    "concat") for the processed-token counts."""
+
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 256, chunk_mb: Optional[float] = 64.0,
+                 wpo: bool = False, prefix_sharing: Optional[bool] = None, settled_layout: Optional[str] = None):
+        super().__init__()
+        self.model = model
+        self.chunk_size, self.chunk_mb, self.wpo = chunk_size, chunk_mb, wpo
+        self.requested_sharing = prefix_sharing
+        config = unwrap_decoder(model).config
+        self.vision_layout, self.reason = vision_layout(config)
+        if prefix_sharing is False:
+            self.vision_layout, self.reason = "stacked", "prefix sharing off in the recipe"
+        elif prefix_sharing and self.vision_layout != "shared":
+            raise RecipeError(f"train.prefix_sharing is true but model type '{config.model_type}' runs stacked rows "
+                              f"({self.reason}); set train.prefix_sharing: null")
+        self.settled = prefix_sharing is False
+        if settled_layout is not None:
+            if settled_layout not in LAYOUTS:
+                raise ValueError(f"settled_layout must be one of {', '.join(LAYOUTS)}; got '{settled_layout}'")
+            self.vision_layout, self.reason, self.settled = settled_layout, "settled by the policy's self-check", True
+
+    @property
+    def layout(self) -> str:
+        return "shared" if self.vision_layout == "shared" else "concat"
+
+    def settle(self, probe: dict) -> str:
+        """The start-up self-check on ``probe``: the layout kept, and the one line saying it and why."""
+        if self.vision_layout == "shared":
+            diff, rtol = layout_difference(self.model, probe, self.chunk_size, self.chunk_mb)
+            pairs = probe["chosen_input_ids"].shape[0]
+            if diff > rtol:
+                if self.requested_sharing:
+                    raise RecipeError(f"train.prefix_sharing is true but the shared layout's log-probs differ from "
+                                      f"stacked rows by {diff:.1e} (relative) on {pairs} training pairs; set "
+                                      "train.prefix_sharing: null")
+                self.vision_layout = "stacked"
+                self.reason = f"the shared layout differs from stacked rows by {diff:.1e} on {pairs} pairs"
+            else:
+                self.reason += f"; self-check on {pairs} pairs: equal to stacked rows within {diff:.0e}"
+        self.settled = True
+        return self.startup_line()
+
+    def startup_line(self) -> str:
+        hf_model = unwrap_decoder(self.model)
+        head = type(hf_model.get_output_embeddings()).__name__
+        what = "shared rows (one per pair)" if self.vision_layout == "shared" else "chosen and rejected rows stacked"
+        return (f"log-probs: vision-language model '{hf_model.config.model_type}', memory-lean "
+                f"({type(hf_model.base_model).__name__} -> {head} in chunks) | layout {self.vision_layout}, "
+                f"{what}: {self.reason}")
+
+    def forward(self, **batch) -> dict:
+        """``module(**batch)`` -> the dict of `vision_concatenated_logps` (the batch contract of this module)."""
+        if not self.settled:
+            self.settle(batch)
+        return vision_concatenated_logps(self.model, batch, layout=self.vision_layout, chunk_size=self.chunk_size,
+                                         chunk_mb=self.chunk_mb, wpo=self.wpo)
 
 
 # -------------------------------------------------------------------------------------- what trains
