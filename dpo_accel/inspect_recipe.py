@@ -616,12 +616,41 @@ def fits_on(ins: Inspection, device: Device):
     return fits
 
 
+def longest_pair(ins: Inspection, device: Device, recipe: Recipe) -> Optional[int]:
+    """Tokens of the longest single pair (prompt once + both answers, as the decoder runs it in the shared
+    layout; both rows in stacked ones) whose estimate fits `device` at one pair per micro-batch, to within
+    1%: the width doubles until it does not fit, then halves the gap (the 4D mask of a padded row grows with
+    the square of the width, the rest linearly). None if not even 512 tokens fit."""
+    import dataclasses
+
+    rows = 2 if ins.lay == "concat" else 1
+
+    def fits(width: int) -> bool:
+        one = dataclasses.replace(ins.batches, longest={**ins.batches.longest, ins.lay: (rows, width)})
+        return estimate(recipe, ins.facts, ins.config, ins.plan.reference_mode, ins.lay, one, device,
+                        ins.args.backend, ins.processes).total <= device.memory
+
+    low = 512
+    if not fits(low):
+        return None
+    high = low * 2
+    while fits(high) and high < 2 ** 24:
+        low, high = high, high * 2
+    while high - low > max(low // 100, 1):
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * rows
+
+
 def time_and_fit_lines(ins: Inspection, device: Device, est: Estimate, flops: float) -> list[str]:
     """A GPU's time per step and per run at --mfu, whether it fits and, if not, the setting that makes it."""
     args, steps, recipe = ins.args, ins.steps, device_recipe(ins, device)
     per_step = flops / (device.peak_flops * args.mfu)
     lines = [f"  time at {args.mfu:.0%} MFU: {human(per_step)} per step, {human(per_step * steps)} "
              f"for {steps} steps"]
+    longest = longest_pair(ins, device, recipe)
+    lines.append("  longest pair at 1 pair per micro-batch: "
+                 + (f"{longest:,} tokens (the prompt once and both answers)" if longest else "under 512 tokens"))
     if est.total <= device.memory:
         lines.append(f"  fits: yes ({gib(device.memory - est.total).strip()} to spare)")
         return lines

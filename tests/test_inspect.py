@@ -13,6 +13,7 @@ import builtins
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -182,3 +183,28 @@ def test_cpu_memory_estimate_within_25_percent_of_a_real_run(smol_dir, tmp_path)
     estimated = numbers["estimates"]["cpu (this machine)"].total
     print(f"estimated {estimated / 2**30:.2f} GiB, measured growth {growth / 2**30:.2f} GiB")
     assert abs(estimated - growth) / growth < 0.25, (estimated, growth)
+
+
+def test_longest_pair_that_fits_a_gpu(no_weights):
+    """For a named model and GPU the estimate says the longest pair that fits at one pair per micro-batch:
+    Llama-3-8B with QLoRA on 24 GB; the estimate at that length is within the GPU, a little longer is not,
+    and 80 GB fits a longer one."""
+    import dataclasses
+
+    llama3 = os.path.join(REPO, "model_configs", "llama-3-8b.json")
+    qlora = ["model.load_in_4bit=true", "model.gradient_checkpointing=true"]
+    text, numbers = run_inspect(MAIN, "--gpu", "24GB", "--gpu", "80GB", "--model-config", llama3, sets=qlora)
+    assert numbers["facts"].params == 8_030_261_248  # Llama-3-8B's parameter count
+    found = [int(x.replace(",", "")) for x in re.findall(r"longest pair at 1 pair per micro-batch: ([\d,]+) tokens",
+                                                          text)]
+    assert len(found) == 2 and 4096 < found[0] < found[1], text
+    ins = dinspect.gather_inspection(load_recipe(MAIN, qlora), dinspect.parse_args(
+        ["--recipe", MAIN, "--model-config", llama3]))
+    gpu = dinspect.parse_gpu("24GB")
+    recipe = dinspect.device_recipe(ins, gpu)
+
+    def total(width):
+        one = dataclasses.replace(ins.batches, longest={**ins.batches.longest, ins.lay: (1, width)})
+        return dinspect.estimate(recipe, ins.facts, ins.config, ins.plan.reference_mode, ins.lay, one, gpu).total
+
+    assert total(found[0]) <= gpu.memory < total(int(found[0] * 1.02) + 1)

@@ -212,7 +212,7 @@ def test_each_batch_runs_exactly_in_the_layout_its_cost_picks(monkeypatch):
     module = PreferenceLogpsModel(lora_model().to(torch.float64), prefix_sharing=None, chunk_size=5)
     line = settle_logps_path(module, shared_prompt_batch())
     assert module.decision.padded_exact and module.decision.cost is not None, line
-    assert "or one padded row per pair (4D mask), by layout per batch by measured cost" in line
+    assert "or one padded row per pair (4D mask), chosen per batch by measured cost" in line
     module.decision.cost = LayoutCost(1e-3, 1e-5, ("packed_shared", "shared"))
     seen = []
     real = logps.concatenated_logps

@@ -197,3 +197,14 @@ def test_bad_vision_input_is_one_line_exit_2_before_weights(case, llava_dir, tin
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err[-2000:]
     assert not weight_loads, f"weights loaded before refusing: {lines[0]}"
     assert not os.path.exists(tmp_path / "run")  # no half-made run folder
+
+
+def test_vision_benchmark_smoke(llava_dir, tmp_path):
+    """The shared-vs-stacked benchmark runs both layouts on the recipe's batches; the shared rows hold fewer
+    language-model tokens (each pair's prompt and image tokens once)."""
+    from benchmarks import bench_vision
+
+    summary = bench_vision.main(["--model", llava_dir, "--pairs", "2", "--batches", "1", "--repeats", "1",
+                                 "--output-dir", str(tmp_path / "run"), "--json", str(tmp_path / "v.json")])
+    assert summary["shared"]["language_tokens_per_batch"] < summary["stacked"]["language_tokens_per_batch"]
+    assert summary["speedup"] > 0 and (tmp_path / "v.json").exists()

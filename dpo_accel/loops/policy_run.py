@@ -118,7 +118,7 @@ def keep_layout_cost(plan: Plan, accelerator, model) -> None:
     if plan.resume_from and os.path.isfile(path):
         with open(path) as f:
             model.decision.cost = LayoutCost.from_dict(json.load(f))
-        log(f"--resume: {model.decision.cost.describe()}, as the run measured it")
+        log(f"--resume: the layout {model.decision.cost.describe()}, as the run measured it")
     elif accelerator.is_main_process:
         os.makedirs(plan.recipe.train.output_dir, exist_ok=True)
         with atomic_write(path) as tmp, open(tmp, "w") as f:

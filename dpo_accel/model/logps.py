@@ -302,8 +302,8 @@ class LayoutCost:
         return cls(d["per_call"], d["per_token"], tuple(d["candidates"]), d["flex"])
 
     def describe(self) -> str:
-        return (f"layout per batch by measured cost ({self.per_call * 1e3:.2f} ms per attention call, "
-                f"{self.per_token * 1e6:.1f} us per token; {' or '.join(self.candidates)})")
+        return (f"chosen per batch by measured cost ({self.per_call * 1e3:.2f} ms per attention call, "
+                f"{self.per_token * 1e6:.1f} us per token)")
 
 
 LAYOUT_OPTIONS = {"packed_shared": dict(prefix_sharing=True, pack_pairs=True),
@@ -1008,7 +1008,7 @@ def decision_line(decision: PathDecision, hf_model: torch.nn.Module) -> str:
     sharing = "on" if decision.sharing else "off"
     layout = f"; {decision.layout_text}" if decision.sharing and decision.layout_text else ""
     if decision.sharing and decision.cost is not None:
-        layout += f" or one padded row per pair (4D mask), by {decision.cost.describe()}"
+        layout += f" or one padded row per pair (4D mask), {decision.cost.describe()}"
     return f"{path} | prefix sharing {sharing}: {decision.sharing_reason}{layout}"
 
 
