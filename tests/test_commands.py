@@ -218,6 +218,12 @@ REUSED = {
         '"--backend", "zero3", "--processes", "8"'),
     "python -m benchmarks.bench_dpo_step --quick": ("tests/test_speed_options.py::test_benchmark_quick_smoke",
                                                     'bench.main(["--quick"'),
+    "python -m benchmarks.bench_generation": ("tests/test_speed_options.py::test_generation_benchmark_smoke",
+                                              "bench_generation.main(["),
+    "python -m benchmarks.bench_memory": ("tests/test_speed_options.py::test_memory_benchmark_smoke",
+                                          "bench_memory.main(["),
+    "python -m benchmarks.bench_vision": ("tests/test_vision_train.py::test_vision_benchmark_smoke",
+                                          "bench_vision.main(["),
     "python scripts/recipe_reference.py": ("tests/test_docs.py::test_recipe_reference_page_matches_the_schema",
                                            '"recipe_reference.py"'),
     "python scripts/loss_table.py": ("tests/test_objectives_e2e.py::test_readme_loss_table_matches_the_registry",
@@ -762,20 +768,22 @@ def test_gpu_check_command_runs(cmd, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("cmd", of_kind("bench"), ids=ids(of_kind("bench")))
 def test_benchmark_command_runs_on_the_tiny_model(cmd, tmp_path, capsys):
-    """Every flag as shown, with --quick (a tiny random model), rows in this process, one round, 8 pairs and
-    one short length for the sweep; trl's rows run where trl is installed and are skipped where not."""
+    """Every flag as shown, with --quick (a tiny random model), rows in this process, one round, 16 pairs and
+    one short length for a sweep; trl's rows run where trl is installed and are skipped where not."""
     from benchmarks import bench_dpo_step as bench
 
-    small = {"--repeats": "1", "--pairs": "8", "--sweep": "128", "--json": str(tmp_path / "bench.json")}
+    small = {"--repeats": "1", "--pairs": "16", "--sweep": "128", "--json": str(tmp_path / "bench.json")}
     words = cmd.words[3:]
     args = [small.get(words[i - 1], w) if i else w for i, w in enumerate(words)]
+    if "--json" not in words:
+        args += ["--json", small["--json"]]
     assert bench.main(args + ["--quick", "--no-subprocess"]) == 0, capsys.readouterr().out[-3000:]
     with open(tmp_path / "bench.json") as f:
         result = json.load(f)
     asked = set(option(words, "--configs").split(","))
     ran = {r["name"] for r in result["rows"]}
     assert ran == asked - ({"trl"} if not importlib.util.find_spec("trl") else set()), ran
-    assert [p["tokens"] for p in result["sweep"]] == [128]
+    assert [p["tokens"] for p in result.get("sweep") or []] == ([128] if "--sweep" in words else [])
 
 
 @pytest.mark.parametrize("cmd", of_kind("plots"), ids=ids(of_kind("plots")))
