@@ -177,6 +177,8 @@ BAD = {
     "missing image": ({}, missing_image, "row 5 of split 'train': image file"),
     "placeholders": ({}, two_images, "the prompt has 1 image placeholder(s)"),
     "online": ({"train.online_generations": 2, "train.online_verifier": "arith"}, None, "online and iterative DPO"),
+    "iterative": ({"train.iterative_rounds": 2, "train.online_generations": 2, "train.online_verifier": "arith"},
+                  None, "iterative DPO samples text-only answers"),
     "padding-free": ({"train.padding_free": True}, None, "train.padding_free is True"),
 }
 

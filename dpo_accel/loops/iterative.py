@@ -317,8 +317,12 @@ def run_rounds(plan) -> dict:
     """Every round of a preflighted iterative plan (dpo_accel.train dispatches here); returns the top-level summary."""
     from dpo_accel.config.plan import holds_run
     from dpo_accel.config.schema import dump_recipe
+    from dpo_accel.data.vision import is_vision_source
 
     recipe, t, started = plan.recipe, plan.recipe.train, time.perf_counter()
+    if is_vision_source(recipe.data):  # before any folder is made or weights load
+        raise RecipeError(f"data.dataset_name '{recipe.data.dataset_name}' holds images; iterative DPO samples "
+                          "text-only answers for now: drop train.iterative_rounds to train offline on the pairs")
     resume = holds_run(t.output_dir)  # preflight refused a started run without --resume
     rounds: list[dict] = []
     with _one_process_group():
