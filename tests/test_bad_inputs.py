@@ -206,10 +206,13 @@ CASES = [
     ("model safetensors truncated", ["model.model_name_or_path={cut_model}"], [], "is truncated or damaged",
      "recipe"),
 ]
-# What this machine lacks: flash-attn (not installed), a GPU (fp16 autocast on the CPU does nothing).
+# What this machine lacks: flash-attn or a tracker (not installed), a GPU (fp16 autocast on the CPU does nothing).
 if importlib.util.find_spec("flash_attn") is None:
     CASES.append(("flash-attn not installed", ["model.attn_implementation=flash_attention_2"], [],
                   "pip install flash-attn (CUDA GPUs only), or set model.attn_implementation: sdpa", "recipe"))
+if importlib.util.find_spec("wandb") is None:
+    CASES.append(("tracker not installed", ["train.report_to=[wandb]"], [],
+                  "train.report_to names wandb, which is not installed: pip install wandb", "recipe"))
 if not torch.cuda.is_available():
     CASES.append(("fp16 on the cpu", ["train.mixed_precision=fp16"], [], "set train.mixed_precision: bf16 (or no)",
                   "recipe"))

@@ -123,9 +123,14 @@ def with_geometry(recipe: Recipe, geometry: Geometry) -> Recipe:
     return recipe
 
 
+# Trackers of train.report_to and the packages Accelerate imports for each (any one of them will do).
+TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "aim": ("aim",), "dvclive": ("dvclive",)}
+
+
 def check_machine(recipe: Recipe) -> None:
-    """What this machine must have for the recipe: flash-attn for flash_attention_2, a GPU for fp16 autocast
-    (on the CPU it silently does nothing)."""
+    """What this machine must have for the recipe: flash-attn for flash_attention_2, the packages of the
+    trackers in train.report_to, a GPU for fp16 autocast (on the CPU it silently does nothing)."""
     import importlib.util
 
     from dpo_accel.model.speed import on_gpu
@@ -138,6 +143,11 @@ def check_machine(recipe: Recipe) -> None:
         if not gpu:
             raise RecipeError("model.attn_implementation flash_attention_2 runs on CUDA GPUs only and this run has "
                               "none; set model.attn_implementation: sdpa")
+    missing = [name for name in recipe.train.report_to if name in TRACKER_PACKAGES
+               and not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[name])]
+    if missing:  # Accelerate drops a tracker it cannot import with a debug line only: the run would log nothing
+        raise RecipeError(f"train.report_to names {', '.join(missing)}, which is not installed: pip install "
+                          f"{' '.join(TRACKER_PACKAGES[m][0] for m in missing)}, or take it out of train.report_to")
     precision = recipe.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     if precision == "fp16" and not gpu:
         source = "train.mixed_precision" if recipe.train.mixed_precision else "the launch config's mixed_precision"
