@@ -655,11 +655,17 @@ FAST = (MAIN_JOB, MAIN_JOB + " --resume")  # the other recipes' runs are end-to-
                                  for c, i in zip(of_kind("train"), ids(of_kind("train")))])
 def test_training_command_runs(cmd, workspace, monkeypatch, capsys):
     """Each training command runs to its second step and writes its metrics, summary and exported model; the
-    resumed run says so, the judged one writes judge.json, the offline W&B one its run (wandb installed)."""
+    resumed run says so, the judged one writes judge.json, the offline W&B one its run (without wandb installed
+    it is refused in one line that says to install it)."""
     monkeypatch.chdir(workspace.root)
     env, _ = program(cmd.words)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    if "wandb" in cmd.text and not importlib.util.find_spec("wandb"):  # refused in one line, before any compute
+        with pytest.raises(AssertionError, match="exited 2"):
+            run_training(workspace, cmd)
+        assert "train.report_to names wandb, which is not installed: pip install wandb" in capsys.readouterr().err
+        return
     out = os.path.join(workspace.root, run_training(workspace, cmd))
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
@@ -672,7 +678,7 @@ def test_training_command_runs(cmd, workspace, monkeypatch, capsys):
         assert "resumed at step 1" in capsys.readouterr().out and summary["global_step"] == 2
     if "eval.reward_model=" in cmd.text:
         assert os.path.isfile(os.path.join(out, "judge.json"))
-    if "wandb" in cmd.text and importlib.util.find_spec("wandb"):  # (without it Accelerate drops the tracker)
+    if "wandb" in cmd.text:
         assert glob.glob(os.path.join(workspace.root, "wandb", "offline-run-*")), "no offline wandb run"
     if cmd.text == MAIN_JOB:
         assert "| held-out measure (2 generations) | before | after |" in summary["table"]
