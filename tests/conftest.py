@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 tokenizer (offline GGUF), a tiny random Llama built from a
-config, recipes pointed at them, and a clean Accelerate state for every in-process run.
+config, a tiny random LLaVA and shapes pairs for it, recipes pointed at them, and a clean Accelerate state
+for every in-process run.
 
 Also the one home of the helpers several test modules use (end of file): a test module imports them with
 ``from conftest import ...`` and never imports from another test module."""
@@ -152,6 +153,63 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Vision-language models (tests/test_vision_train.py, tests/test_vision_distributed.py).
+
+SHAPES = os.path.join(REPO, "data", "shapes_prefs")
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                   patch_size=8)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(smol_dir, tmp_path_factory) -> str:
+    """A random tiny LLaVA saved with the tiny VLM's processor (SmolLM2 tokenizer + ``<image>``)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from dpo_accel.model.tiny_vlm import build_processor, llava_config, set_generation_tokens
+
+    processor = build_processor(smol_dir)
+    tok = processor.tokenizer
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(llava_config(text, processor, TINY_VISION))
+    set_generation_tokens(model, tok)
+    path = str(tmp_path_factory.mktemp("tiny_llava"))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def write_shapes(folder, train_rows: int = 8, test_rows: int = 4, edit=None) -> str:
+    """The first shipped shapes pairs in `folder` (images linked); `edit(rows)` changes the train rows."""
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", train_rows), ("test", test_rows)):
+        with open(os.path.join(SHAPES, f"{split}.jsonl")) as f:
+            rows = [json.loads(next(f)) for _ in range(n)]
+        if edit is not None and split == "train":
+            edit(rows)
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.symlink(os.path.join(SHAPES, "images"), os.path.join(folder, "images"))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    return write_shapes(tmp_path_factory.mktemp("shapes") / "data")
+
+
+def vision_overrides(model_dir: str, data_dir: str, out: str, **extra) -> list:
+    """`tiny_overrides` for the tiny LLaVA on shapes pairs: all of `data_dir`, LoRA r 4, 2 steps."""
+    return tiny_overrides(model_dir, out, **{
+        "data.dataset_name": data_dir, "data.eval_split": "test", "data.max_train_samples": None,
+        "data.max_eval_samples": None, "data.max_length": 96, "data.max_prompt_length": 80,
+        "train.max_steps": 2, "train.report_to": [], "lora.use_peft": True, "lora.lora_r": 4, "lora.lora_alpha": 8,
+        "lora.lora_dropout": 0.0, **extra})
 
 
 # Resume (tests/test_resume.py, tests/test_online.py, tests/test_reward_model.py).

@@ -20,63 +20,10 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, reset_accelerate, stop_after, tiny_overrides
+from conftest import reset_accelerate, stop_after, vision_overrides, write_shapes
 from dpo_accel import train
 from dpo_accel.config.load import load_recipe
 from dpo_accel.model import loading
-
-SHAPES = os.path.join(REPO, "data", "shapes_prefs")
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                   patch_size=8)
-
-
-@pytest.fixture(scope="module")
-def llava_dir(smol_dir, tmp_path_factory) -> str:
-    """A random tiny LLaVA saved with the tiny VLM's processor (SmolLM2 tokenizer + ``<image>``)."""
-    from transformers import LlamaConfig, LlavaForConditionalGeneration
-
-    from dpo_accel.model.tiny_vlm import build_processor, llava_config, set_generation_tokens
-
-    processor = build_processor(smol_dir)
-    tok = processor.tokenizer
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(llava_config(text, processor, TINY_VISION))
-    set_generation_tokens(model, tok)
-    path = str(tmp_path_factory.mktemp("tiny_llava"))
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def write_shapes(folder, train_rows: int = 8, test_rows: int = 4, edit=None) -> str:
-    """The first shipped shapes pairs in `folder` (images linked); `edit(rows)` changes the train rows."""
-    os.makedirs(folder, exist_ok=True)
-    for split, n in (("train", train_rows), ("test", test_rows)):
-        with open(os.path.join(SHAPES, f"{split}.jsonl")) as f:
-            rows = [json.loads(next(f)) for _ in range(n)]
-        if edit is not None and split == "train":
-            edit(rows)
-        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-    os.symlink(os.path.join(SHAPES, "images"), os.path.join(folder, "images"))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory) -> str:
-    return write_shapes(tmp_path_factory.mktemp("shapes") / "data")
-
-
-def vision_overrides(model_dir: str, data_dir: str, out: str, **extra) -> list:
-    return tiny_overrides(model_dir, out, **{
-        "data.dataset_name": data_dir, "data.eval_split": "test", "data.max_train_samples": None,
-        "data.max_eval_samples": None, "data.max_length": 96, "data.max_prompt_length": 80,
-        "train.max_steps": 2, "train.report_to": [], "lora.use_peft": True, "lora.lora_r": 4, "lora.lora_alpha": 8,
-        "lora.lora_dropout": 0.0, **extra})
 
 
 def steps(out: str) -> list:

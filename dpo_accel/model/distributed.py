@@ -305,7 +305,7 @@ class MemoryPlan:
 
 
 def memory_per_device(backend: str, processes: int, params: int, trainable: int, reference: str,
-                      weight_bytes: int = 4) -> MemoryPlan:
+                      weight_bytes: int = 4, trained_bytes: int = 4) -> MemoryPlan:
     """Computed (not measured) state bytes per device for DPO with AdamW.
 
     Args:
@@ -314,8 +314,10 @@ def memory_per_device(backend: str, processes: int, params: int, trainable: int,
         params: parameters of the base model; trainable: parameters that train (all, or the LoRA ones).
         reference: 'copy' (a second model), 'adapter_off' or 'precomputed' (no second model).
         weight_bytes: bytes per weight as loaded (4 for float32, the recipes' model.dtype).
+        trained_bytes: bytes per trainable weight: 4 for a LoRA adapter (always float32) or float32 weights,
+            2 where full fine-tuning trains bf16 weights (their gradients and moments are bf16 too).
 
-    Accounting: AdamW keeps two float32 moments (8 B per trainable parameter). DDP keeps a gradient
+    Accounting: AdamW keeps two moments in the trained weights' dtype (8 B per float32 parameter). DDP keeps a gradient
     bucket copy beside the gradients (gradient_as_bucket_view off, accelerate's default). FSDP2 shards
     weights, float32 gradients, moments and the reference 1/n. DeepSpeed with bf16 holds bf16 weights,
     a float32 master copy of the trainable ones, bf16 gradients; ZeRO-2 shards master, moments and
@@ -325,10 +327,12 @@ def memory_per_device(backend: str, processes: int, params: int, trainable: int,
     frozen = params - trainable
     second = params if reference == "copy" else 0
     if backend in ("single", "ddp"):
-        buckets = 4 * trainable if backend == "ddp" and n > 1 else 0
-        return MemoryPlan(weight_bytes * params, 4 * trainable + buckets, 8 * trainable, weight_bytes * second)
+        buckets = trained_bytes * trainable if backend == "ddp" and n > 1 else 0
+        return MemoryPlan(weight_bytes * params, trained_bytes * trainable + buckets, 2 * trained_bytes * trainable,
+                          weight_bytes * second)
     if backend == "fsdp2":
-        return MemoryPlan(weight_bytes * params / n, 4 * trainable / n, 8 * trainable / n, weight_bytes * second / n)
+        return MemoryPlan(weight_bytes * params / n, trained_bytes * trainable / n, 2 * trained_bytes * trainable / n,
+                          weight_bytes * second / n)
     if backend == "zero2":
         return MemoryPlan(2 * params, 2 * trainable / n, (4 + 8) * trainable / n, 2 * second)
     if backend == "zero3":
