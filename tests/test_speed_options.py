@@ -161,6 +161,27 @@ def test_compiled_decoder_matches_eager_with_lora_and_packing(small_llama_dir):
     torch._dynamo.reset()
 
 
+def test_a_compiled_policy_generates_eagerly(tiny_model_dir):
+    """generate's one-token steps at ever new lengths would recompile the decoder again and again (a run's
+    held-out generation went from 33 s to 546 s): generation runs eager, the training forward compiled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_accel.evaluation.generation import generate_answers
+
+    torch._dynamo.reset()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    compiled = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    speed.compile_decoder(compiled, "eager")
+    prompts = ["What is 2 + 2?", "Name a colour."]
+    counters.clear()
+    assert generate_answers(compiled, tokenizer, prompts, 6) == generate_answers(eager, tokenizer, prompts, 6)
+    assert counters["stats"]["unique_graphs"] == 0  # nothing captured while generating
+    compiled(input_ids=torch.tensor([[1, 5, 7]]))
+    assert counters["stats"]["unique_graphs"] >= 1  # while the plain forward is compiled
+    torch._dynamo.reset()
+
+
 def test_torch_compile_refusals(monkeypatch):
     recipe = load_recipe(None, ["train.torch_compile=true"])
     monkeypatch.setattr(speed, "_cpp_compiler", lambda: None)

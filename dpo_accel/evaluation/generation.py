@@ -82,6 +82,16 @@ def generate_on_every_process(accelerator, model, tokenizer, prompts: list, max_
 
 
 @torch.no_grad()
+def generation_context(autocast=None) -> contextlib.ExitStack:
+    """The run's autocast, and eager execution: a compiled decoder (train.torch_compile) serves the training
+    forward, while generate's one-token steps at ever new lengths would recompile it again and again."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.compiler.set_stance("force_eager"))
+    if autocast is not None:
+        stack.enter_context(autocast())
+    return stack
+
+
 def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16,
                      autocast=None, temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
                      seed: int = 0, return_tokens: bool = False) -> list:
@@ -111,7 +121,7 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch
                 width = max(len(r) for r in rows)
                 ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
                 mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-                with autocast() if autocast is not None else contextlib.nullcontext():
+                with generation_context(autocast):
                     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
                                          **sample)
@@ -229,7 +239,7 @@ def generate_vision_answers(model, processor, rows: list, max_new_tokens: int, b
         try:
             for start in range(0, len(rows), batch_size):
                 inputs, width = vision_prompt_batch(model, processor, rows[start:start + batch_size])
-                with autocast() if autocast is not None else contextlib.nullcontext():
+                with generation_context(autocast):
                     out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_id=stops, **sample)
                 answers += [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
