@@ -34,6 +34,16 @@ tied; the LM head only at label positions) plus the attention's 2·d per causal 
 layer; backward one forward more (LoRA: activation gradients only) or two (full), a reference forward
 where one runs, the decoder once more under checkpointing and the LM-head chunks always (checked
 against torch's FLOP counter in tests/test_inspect.py).
+
+A vision-language model (its config one ``AutoModelForImageTextToText`` maps, with a vision config) goes through
+`dpo_accel.inspect_vision`: its processor tokenises the data as the run does, the data section adds image
+tokens and vision-tower inputs (images or tiles) per pair, and the language-model tokens count the image
+tokens. Parameters come from the whole meta model (tower + projector + language model), trainable from LoRA
+on the language model (+ the projector with lora.train_projector); the activations above are the language
+model's, traced from its text config at the longest micro-batch's width; the frozen tower's forward working
+set (and what autograd saves for a trained projector) is added, and so are its FLOPs: 2 x tower parameters
+per patch plus its attention, per input and forward, once per pair in the shared layout and twice in stacked
+rows. A line gives the estimate with every pair at data.max_length.
 """
 from __future__ import annotations
 
@@ -261,9 +271,13 @@ class Batches:
     labels: int  # answer tokens (the positions whose log-prob is computed)
     per_layout: dict  # layout -> tokens the decoder runs (padding included)
     longest: dict  # layout -> (rows, width) of the widest micro-batch
+    tower_inputs: int = 0  # a VLM's vision-tower inputs (images or tiles) per epoch, once per pair
+    image_tokens: int = 0  # its image tokens per epoch, once per pair
+    tower_longest: int = 0  # the most tower inputs of one micro-batch, once per pair
 
 
-def batch_tokens(tokenized, recipe: Recipe, processes: int = 1) -> Batches:
+def batch_tokens(tokenized, recipe: Recipe, processes: int = 1, images: Optional[tuple] = None) -> Batches:
+    """Token counts of the epoch's micro-batches; `images`: a VLM's (image tokens, tower inputs) per training pair."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -287,10 +301,12 @@ def batch_tokens(tokenized, recipe: Recipe, processes: int = 1) -> Batches:
     b = t.per_device_train_batch_size
     out = {"concat": 0, "shared": 0, "packed": 0}
     longest = {"concat": (0, 0), "shared": (0, 0), "packed": (0, 0)}
-    count = 0
+    count = tower_longest = 0
     for start in range(0, len(order), b):
         idx = np.asarray(order[start:start + b])
         n = len(idx)
+        if images is not None:
+            tower_longest = max(tower_longest, int(images[1][idx].sum()))
         sizes = {"concat": (2 * n if len(cols) > 1 else n, int(np.maximum(c[idx], r[idx]).max())),
                  "shared": (n, int(shared[idx].max())), "packed": (1, int((c[idx] + r[idx]).sum()))}
         for key, (rows, width) in sizes.items():
@@ -298,7 +314,8 @@ def batch_tokens(tokenized, recipe: Recipe, processes: int = 1) -> Batches:
             if rows * width > longest[key][0] * longest[key][1]:
                 longest[key] = (rows, width)
         count += 1
-    return Batches(count, int((c + r).sum()), labels, out, longest)
+    tokens, inputs = (int(a.sum()) for a in images) if images is not None else (0, 0)
+    return Batches(count, int((c + r).sum()), labels, out, longest, inputs, tokens, tower_longest)
 
 
 # -------------------------------------------------------------------------------------- estimate
@@ -315,11 +332,14 @@ class Estimate:
     overhead: float
     checkpointing: bool
     parts: dict = field(default_factory=dict)
+    tower: float = 0.0  # a VLM's frozen vision tower: its forward working set
+    projector: float = 0.0  # what autograd saves for a trained projector
 
     @property
     def total(self) -> float:
         act = self.activations_checkpointed if self.checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + self.reference + act + self.lm_head + self.overhead
+        return self.weights + self.gradients + self.optimizer + self.reference + act + self.lm_head + self.overhead \
+            + self.tower + self.projector
 
 
 def compute_dtype(recipe: Recipe, device: Device) -> str:
@@ -333,8 +353,9 @@ def compute_dtype(recipe: Recipe, device: Device) -> str:
 
 
 def estimate(recipe: Recipe, facts: ModelFacts, config, mode: str, layout: str, batches: Batches, device: Device,
-             backend: str = "single", processes: int = 1) -> Estimate:
-    """Bytes per device for `recipe` on `device` (see the module docstring for the accounting)."""
+             backend: str = "single", processes: int = 1, vision=None) -> Estimate:
+    """Bytes per device for `recipe` on `device` (see the module docstring for the accounting); `vision`: a VLM's
+    `inspect_vision.VisionData` (`config` is then its language model's)."""
     import torch
 
     from dpo_accel.model.distributed import memory_per_device
@@ -362,8 +383,15 @@ def estimate(recipe: Recipe, facts: ModelFacts, config, mode: str, layout: str, 
         overhead = CUDA_OVERHEAD
     else:  # glibc keeps freed temporaries: measured 0.75 x the saved activations on this CPU (module docstring)
         overhead = CPU_RETAINED * (act_gc if recipe.model.gradient_checkpointing else act)
+    tower = projector = 0.0
+    if vision is not None:
+        from dpo_accel.inspect_vision import tower_bytes
+
+        inputs = batches.tower_longest * (2 if layout == "concat" else 1)  # stacked rows repeat each pair's images
+        tower, projector = tower_bytes(vision, recipe, inputs, dtype)
     return Estimate(weights, state.gradients, state.optimizer, state.reference, act, act_gc, lm_head,
-                    overhead, recipe.model.gradient_checkpointing, {"rows": rows, "width": width, "dtype": dtype})
+                    overhead, recipe.model.gradient_checkpointing, {"rows": rows, "width": width, "dtype": dtype},
+                    tower, projector)
 
 
 def lm_head_positions(recipe: Recipe, vocab: int) -> int:
@@ -377,12 +405,13 @@ def lm_head_positions(recipe: Recipe, vocab: int) -> int:
 
 
 def flops_per_step(recipe: Recipe, facts: ModelFacts, mode: str, batches: Batches, layout: str,
-                   config, processes: int = 1) -> float:
+                   config, processes: int = 1, vision=None) -> float:
     """FLOPs one device runs per optimizer step. A forward is 2 FLOPs per multiplying parameter per token
     the decoder runs (the LM head only at label positions, as logps.py computes it) plus the attention's
     2·2·d per causal query-key pair; backward is one forward more for the activation gradients (frozen
     weights under LoRA) or two (full fine-tuning); a reference forward where one runs; a recomputed
-    forward of the decoder under gradient checkpointing, and always of the LM head's chunks."""
+    forward of the decoder under gradient checkpointing, and always of the LM head's chunks. A VLM (`vision`)
+    adds its tower's and projector's FLOPs (`inspect_vision.tower_flops`)."""
     steps = max(batches.count, 1) / recipe.train.gradient_accumulation_steps
     tokens = batches.per_layout[layout] / steps
     labels = batches.labels / steps
@@ -394,7 +423,15 @@ def flops_per_step(recipe: Recipe, facts: ModelFacts, mode: str, batches: Batche
     passes = 1 + (1 if recipe.lora.use_peft else 2) + (1 if mode in ("copy", "adapter_off") else 0)
     checkpointed = 1 if recipe.model.gradient_checkpointing else 0
     # the LM head's chunks are checkpointed (logps.py): their forward runs again in backward
-    return body * (passes + checkpointed) + 2 * head * labels * (passes + 1)
+    total = body * (passes + checkpointed) + 2 * head * labels * (passes + 1)
+    if vision is not None:
+        from dpo_accel.inspect_vision import tower_flops, vision_params
+
+        repeat = (2 if layout == "concat" else 1) / steps  # stacked rows repeat each pair's images
+        forwards = 1 + (1 if mode in ("copy", "adapter_off") else 0)
+        total += tower_flops(vision, vision_params(vision.config, recipe), batches.tower_inputs * repeat,
+                             batches.image_tokens * repeat, forwards, recipe.lora.train_projector)
+    return total
 
 
 def fix_for(recipe: Recipe, fits) -> Optional[str]:
@@ -490,10 +527,16 @@ class Inspection:
     steps_per_epoch: int
     steps: int
     dtype_asked: str = "float32"  # the recipe's model.dtype before preflight settled auto for the CPU here
+    vision: object = None  # a VLM's `inspect_vision.VisionData` (then `config` is its language model's)
 
     @property
     def processes(self) -> int:
         return self.args.processes
+
+    @property
+    def images(self) -> Optional[tuple]:
+        """A VLM's (image tokens, tower inputs) per training pair, for `batch_tokens`."""
+        return self.vision.train_counts if self.vision is not None else None
 
 
 def tokenize_recipe_data(recipe: Recipe, args) -> tuple:
@@ -511,12 +554,17 @@ def tokenize_recipe_data(recipe: Recipe, args) -> tuple:
     return tokenize_splits(splits, tokenizer, recipe.data)
 
 
-def run_layout(plan, recipe: Recipe, config) -> str:
-    """The layout the run feeds the decoder: chosen rows (no pairs), packed, prefix sharing or stacked rows."""
+def run_layout(plan, recipe: Recipe, config, vision=None) -> str:
+    """The layout the run feeds the decoder: chosen rows (no pairs), packed, prefix sharing or stacked rows (a
+    VLM: what `model.vision.vision_layout` gives its family)."""
     from dpo_accel.model.logps import resolve_prefix_sharing
+    from dpo_accel.model.vision import vision_layout
 
     if not plan.pairs:
         return "chosen rows"
+    if vision is not None:
+        shared = recipe.train.prefix_sharing is not False and vision_layout(vision.config)[0] == "shared"
+        return "shared" if shared else "concat"
     if recipe.train.padding_free:
         return "packed"
     try:
@@ -526,22 +574,43 @@ def run_layout(plan, recipe: Recipe, config) -> str:
 
 
 def gather_inspection(recipe: Recipe, args) -> Inspection:
-    """Plan the recipe, read the model's config and tokenise and count the data (no weights)."""
+    """Plan the recipe, read the model's config and tokenise and count the data (no weights); a VLM's through
+    `inspect_vision` (its processor, image counts, the whole model's parameters)."""
+    from dpo_accel.inspect_vision import gather_vision, is_vision_config
+
     asked = recipe.model.dtype
     plan, note = resolve_plan(recipe)
     recipe = plan.recipe
     config = with_attention(model_config(recipe, args.model_config), recipe)
-    tokenized, stats = tokenize_recipe_data(recipe, args)
+    vision = None
+    if is_vision_config(config):
+        vision = gather_vision(recipe, args.model_config, config)
+        tokenized, stats, config = vision.tokenized, vision.stats, config.get_text_config()
+    else:
+        tokenized, stats = tokenize_recipe_data(recipe, args)
     processes = args.processes
-    batches = batch_tokens(tokenized, recipe, processes)
-    facts = model_facts(config, recipe)
-    layout = run_layout(plan, recipe, config)
+    batches = batch_tokens(tokenized, recipe, processes, vision.train_counts if vision is not None else None)
+    facts = facts_for(config, vision, recipe)
+    layout = run_layout(plan, recipe, config, vision)
     lay = layout if layout in batches.per_layout else "concat"
     steps_per_epoch = math.ceil(math.ceil(batches.count / processes) / plan.geometry.accumulation)
     steps = recipe.train.max_steps if recipe.train.max_steps > 0 else math.ceil(
         recipe.train.num_train_epochs * steps_per_epoch)
     return Inspection(recipe, args, plan, note, config, facts, tokenized, stats, batches, layout, lay,
-                      steps_per_epoch, steps, asked)
+                      steps_per_epoch, steps, asked, vision)
+
+
+def facts_for(config, vision, recipe: Recipe) -> ModelFacts:
+    """The model's facts under `recipe`: a causal LM's (`model_facts`), or a VLM's from its whole meta model
+    (`inspect_vision.vision_params`: tower and projector counted) with its language model's shape."""
+    if vision is None:
+        return model_facts(config, recipe)
+    from dpo_accel.inspect_vision import vision_params
+
+    p = vision_params(vision.config, recipe)
+    text = vision.config.get_text_config()
+    return ModelFacts(p.params, p.trainable, p.matmul, text.num_hidden_layers, text.hidden_size, text.vocab_size,
+                      vision.config.model_type)
 
 
 def plan_lines(ins: Inspection) -> list[str]:
@@ -558,6 +627,10 @@ def plan_lines(ins: Inspection) -> list[str]:
     lines.append(f"batch          {g.per_device} pairs x {g.accumulation} accumulation x {ins.processes} process(es) = "
                  f"{g.per_device * g.accumulation * ins.processes} pairs per step")
     lines.append(f"steps          {ins.steps} ({ins.steps_per_epoch} per epoch of {len(ins.tokenized['train'])} pairs)")
+    if ins.vision is not None:
+        from dpo_accel.inspect_vision import plan_line
+
+        lines.append(plan_line(ins.vision, recipe))
     lines += generated_pairs_lines(recipe, g.per_device, ins.steps)
     if ins.note:
         lines.append(f"note           {ins.note}")
@@ -567,13 +640,19 @@ def plan_lines(ins: Inspection) -> list[str]:
 def data_lines(ins: Inspection) -> list[str]:
     """The `== data` section: the per-split, per-source summary and the tokens per epoch per layout."""
     from dpo_accel.data.tokenize import format_stats
+    from dpo_accel.inspect_vision import image_lines
 
     batches = ins.batches
     lines = ["", "== data", format_stats(ins.stats), ""]
+    if ins.vision is not None:
+        lines += image_lines(ins.vision) + [""]
     real = batches.real
     lines.append(f"tokens per epoch (train, {batches.count} micro-batches of {ins.plan.geometry.per_device} "
                  f"in the sampler's order):")
     lines.append(f"  real (chosen + rejected, prompt twice) {real:>12,}")
+    if ins.vision is not None:
+        lines.append(f"  {'image tokens among them (once a pair)':<38} {batches.image_tokens:>12,}  "
+                     f"(and {batches.tower_inputs:,} vision-tower inputs)")
     for key, text in (("concat", "stacked [2B, T] rows"), ("shared", "prefix sharing, one row per pair"),
                       ("packed", "padding-free packing")):
         tokens = batches.per_layout[key]
@@ -594,6 +673,10 @@ def memory_lines(ins: Inspection, device: Device, est: Estimate) -> list[str]:
     used, other = (est.activations_checkpointed, est.activations) if est.checkpointing else \
         (est.activations, est.activations_checkpointed)
     rows.append((f"activations ({'with' if est.checkpointing else 'no'} checkpointing)", used))
+    if ins.vision is not None:
+        rows.append(("vision tower forward (frozen)", est.tower))
+        if recipe.lora.train_projector:
+            rows.append(("projector (saved for backward)", est.projector))
     rows.append((f"LM-head chunk ({lm_head_positions(recipe, facts.vocab)} x {facts.vocab})", est.lm_head))
     rows.append(("CUDA context + allocator" if device.gpu else "CPU allocator (freed blocks kept)", est.overhead))
     rows.append(("total", est.total))
@@ -609,9 +692,9 @@ def fits_on(ins: Inspection, device: Device):
 
     def fits(trial: Recipe) -> bool:
         mode = resolve_mode(trial, ins.plan.objective.needs_reference)
-        return estimate(trial, model_facts(ins.config, trial), ins.config, mode, ins.lay,
-                        batch_tokens(ins.tokenized, trial, ins.processes), device, ins.args.backend,
-                        ins.processes).total <= device.memory
+        return estimate(trial, facts_for(ins.config, ins.vision, trial), ins.config, mode, ins.lay,
+                        batch_tokens(ins.tokenized, trial, ins.processes, ins.images), device, ins.args.backend,
+                        ins.processes, ins.vision).total <= device.memory
 
     return fits
 
@@ -628,7 +711,7 @@ def longest_pair(ins: Inspection, device: Device, recipe: Recipe) -> Optional[in
     def fits(width: int) -> bool:
         one = dataclasses.replace(ins.batches, longest={**ins.batches.longest, ins.lay: (rows, width)})
         return estimate(recipe, ins.facts, ins.config, ins.plan.reference_mode, ins.lay, one, device,
-                        ins.args.backend, ins.processes).total <= device.memory
+                        ins.args.backend, ins.processes, ins.vision).total <= device.memory
 
     low = 512
     if not fits(low):
@@ -642,6 +725,28 @@ def longest_pair(ins: Inspection, device: Device, recipe: Recipe) -> Optional[in
     return low * rows
 
 
+def limit_lines(ins: Inspection, device: Device, recipe: Recipe) -> list[str]:
+    """A VLM: the estimate with every pair of a full micro-batch at the recipe's limits (both answers filling
+    data.max_length after the shortest prompt seen, each pair with the most tower inputs seen), whatever answers
+    the data holds: what its longest answers can reach."""
+    import dataclasses
+
+    import numpy as np
+
+    if ins.vision is None or ins.lay not in ("shared", "concat"):
+        return []
+    b, length = recipe.train.per_device_train_batch_size, recipe.data.max_length
+    prompt = int(np.asarray(ins.tokenized["train"]["prompt_length"]).min())
+    rows, width = (b, 2 * length - prompt) if ins.lay == "shared" else (2 * b, length)
+    inputs = b * int(ins.vision.train_counts[1].max())
+    full = dataclasses.replace(ins.batches, longest={**ins.batches.longest, ins.lay: (rows, width)},
+                               tower_longest=inputs)
+    est = estimate(recipe, ins.facts, ins.config, ins.plan.reference_mode, ins.lay, full, device, ins.args.backend,
+                   ins.processes, ins.vision)
+    return [f"  every pair at data.max_length ({rows} rows x {width} tokens, {inputs} tower inputs): "
+            f"{gib(est.total).strip()}, fits: {'yes' if est.total <= device.memory else 'NO'}"]
+
+
 def time_and_fit_lines(ins: Inspection, device: Device, est: Estimate, flops: float) -> list[str]:
     """A GPU's time per step and per run at --mfu, whether it fits and, if not, the setting that makes it."""
     args, steps, recipe = ins.args, ins.steps, device_recipe(ins, device)
@@ -651,6 +756,7 @@ def time_and_fit_lines(ins: Inspection, device: Device, est: Estimate, flops: fl
     longest = longest_pair(ins, device, recipe)
     lines.append("  longest pair at 1 pair per micro-batch: "
                  + (f"{longest:,} tokens (the prompt once and both answers)" if longest else "under 512 tokens"))
+    lines += limit_lines(ins, device, recipe)
     if est.total <= device.memory:
         lines.append(f"  fits: yes ({gib(device.memory - est.total).strip()} to spare)")
         return lines
@@ -678,13 +784,14 @@ def estimate_lines(ins: Inspection, estimates: dict) -> list[str]:
     """The `== estimate` section, per device (the CPU here, or each --gpu); fills `estimates` by device name."""
     args, batches, lay, processes = ins.args, ins.batches, ins.lay, ins.processes
     devices = [parse_gpu(x) for x in args.gpu] or [Device("cpu (this machine)", None, None)]
-    flops = flops_per_step(ins.recipe, ins.facts, ins.plan.reference_mode, batches, lay, ins.config, processes)
+    flops = flops_per_step(ins.recipe, ins.facts, ins.plan.reference_mode, batches, lay, ins.config, processes,
+                           ins.vision)
     lines = ["", f"== estimate per device (longest micro-batch: {batches.longest[lay][0]} rows x "
                  f"{batches.longest[lay][1]} tokens, {ins.layout}; backend {args.backend}, {processes} process(es))"]
     lines.append(f"FLOPs per optimizer step per device: {flops / 1e12:,.2f} TFLOP")
     for device in devices:
         est = estimate(device_recipe(ins, device), ins.facts, ins.config, ins.plan.reference_mode, lay, batches,
-                       device, args.backend, processes)
+                       device, args.backend, processes, ins.vision)
         estimates[device.name] = est
         lines += memory_lines(ins, device, est)
         if device.gpu:
@@ -697,7 +804,7 @@ def report(recipe: Recipe, args) -> tuple[str, dict]:
     start = time.perf_counter()
     ins = gather_inspection(recipe, args)
     numbers = {"plan": ins.plan, "layout": ins.layout, "steps": ins.steps, "batches": ins.batches,
-               "facts": ins.facts, "estimates": {}}
+               "facts": ins.facts, "estimates": {}, "vision": ins.vision}
     lines = plan_lines(ins) + data_lines(ins) + estimate_lines(ins, numbers["estimates"])
     lines.append(f"\n[dpo_accel] inspect took {time.perf_counter() - start:.1f} s (no weights loaded)")
     return "\n".join(lines), numbers

@@ -216,6 +216,10 @@ REUSED = {
     "model_configs/qwen2.5-7b-instruct.json --backend zero3 --processes 8": (
         "tests/test_gpu_recipes.py::test_zero3_dry_run_fits_eight_80gb_gpus",
         '"--backend", "zero3", "--processes", "8"'),
+    "python -m dpo_accel.inspect_recipe --recipe recipes/smolvlm_rlaifv_lora.yaml --model-config "
+    "model_configs/smolvlm-256m-instruct --gpu 24GB": (
+        "tests/test_inspect_vision.py::test_smolvlm_recipe_fits_one_24gb_gpu",
+        'smolvlm_dry_run(shapes_five, smol_dir, "--model-config", SMOLVLM_CONFIG, "--gpu", "24GB")'),
     "python -m benchmarks.bench_dpo_step --quick": ("tests/test_speed_options.py::test_benchmark_quick_smoke",
                                                     'bench.main(["--quick"'),
     "python -m benchmarks.bench_generation": ("tests/test_speed_options.py::test_generation_benchmark_smoke",

@@ -77,6 +77,7 @@ ROW_COLUMNS = frozenset({"chosen_input_ids", "chosen_labels", "rejected_input_id
 STATUS_KEPT, STATUS_TRUNCATED, STATUS_DROPPED = 0, 1, 2
 HELPERS = ("_status", "_raw_length", "chosen_length", "rejected_length")
 DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+WRITER_BATCH = 16  # tokenised rows held before each cache write: a pair's pixels reach 50 MB (17 SmolVLM tiles)
 _CODE_HASH = hashlib.sha256(open(os.path.abspath(__file__), "rb").read()).hexdigest()[:16]
 
 
@@ -494,7 +495,7 @@ def tokenize_vision_splits(splits, processor, cfg: DataConfig) -> tuple:
                          truncation_mode=cfg.truncation_mode, image_ids=image_ids, split=key,
                          image_keys=image_output_keys(ds, processor, key))
         mapped = ds.map(tokenize_vision_row, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
-                        fn_kwargs=fn_kwargs,
+                        fn_kwargs=fn_kwargs, writer_batch_size=WRITER_BATCH,
                         new_fingerprint=content_hash("vision-tokenize", _CODE_HASH, ds._fingerprint,
                                                      processor_fingerprint(processor), settings),
                         desc=f"tokenize {key} (vision)")
