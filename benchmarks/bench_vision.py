@@ -37,7 +37,7 @@ def setup(args):
     splits = load_vision_splits(recipe.data, recipe.train.seed)
     tokenized, _ = tokenize_vision_splits(splits, processor, recipe.data)
     train, size = tokenized["train"], args.pairs
-    collate = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
+    collate = VisionPreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)
     batches = [collate([train[i] for i in range(b * size, (b + 1) * size)]) for b in range(args.batches)]
     return load_vision_policy(recipe.model, recipe.lora, path).train(), batches
 

@@ -11,8 +11,9 @@ with a vision config (`is_vision_config`: the rule `model.loading.vision_model_t
               tokens the folder's tokenizer_config.json declares are added at their ids (`stand_in_processor`).
   data        loaded and tokenised as the run does (`data.vision`); per pair: image tokens (the prompt's
               positions of the processor's image token, which the projector's outputs fill) and tower inputs
-              (the images, or the tiles of a split image, the vision tower runs on: every dim of the stored
-              pixel array but the last three, channels x height x width).
+              (the images, or the tiles of a split image, the vision tower runs on: every dim of the pair's
+              pixel array but the last three, channels x height x width), counted at tokenisation from the
+              processor's output and kept per pair (`data.vision.tower_inputs`), as the cache keeps no pixels.
   parameters  the meta model of ``AutoModelForImageTextToText.from_config`` (tower + projector + language model);
               LoRA where `model.vision.vision_lora_kwargs` puts it (the language model's linear layers);
               trainable: LoRA, plus the projector in full with lora.train_projector; without LoRA every
@@ -51,7 +52,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dpo_accel.config.errors import RecipeError
 from dpo_accel.config.schema import ModelConfig, Recipe
 
-PIXELS = "pixel_values"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -164,37 +164,12 @@ def tokenize_vision_data(recipe: Recipe, processor) -> tuple:
     return tokenize_vision_splits(raw, processor, recipe.data)
 
 
-def _list_depth(arrow_type) -> int:
-    depth = 0
-    while hasattr(arrow_type, "value_type"):
-        arrow_type, depth = arrow_type.value_type, depth + 1
-    return depth
-
-
-def _inputs_per_row(chunk) -> tuple:
-    """(tower inputs per row, the largest input's shape) of one Arrow chunk of nested pixel lists: an input is
-    [channels, height, width] of an array of 4 or more dims, else one row of a 2-dim array (patch rows)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(chunk, pa.ExtensionArray):
-        chunk = chunk.storage
-    depth = _list_depth(chunk.type)
-    owner, values = np.arange(len(chunk)), chunk
-    for _ in range(depth - 3 if depth >= 4 else depth - 1):
-        owner = owner[pc.list_parent_indices(values).to_numpy()]
-        values = pc.list_flatten(values)
-    counts = np.bincount(owner, minlength=len(chunk))
-    shape = []
-    while len(values) and hasattr(values.type, "value_type"):
-        shape.append(int(pc.max(pc.list_value_length(values)).as_py() or 0))
-        values = pc.list_flatten(values)
-    return counts, tuple(shape)
-
-
 def pair_image_counts(split, image_token_id: int) -> tuple:
-    """(image tokens per pair, tower inputs per pair, the largest input's shape) of a tokenised split."""
+    """(image tokens per pair, tower inputs per pair, the largest input's shape) of a tokenised split: tokens
+    counted in the chosen ids, tower inputs and their shape as tokenisation recorded them."""
     import pyarrow.compute as pc
+
+    from dpo_accel.data.vision import TOWER_INPUTS, TOWER_SHAPE
 
     ids = split.select_columns(["chosen_input_ids"]).with_format("arrow")[:].column(0)
     tokens = np.zeros(len(split), dtype=np.int64)
@@ -204,14 +179,17 @@ def pair_image_counts(split, image_token_id: int) -> tuple:
         owner = pc.list_parent_indices(chunk).to_numpy()
         tokens[start:start + len(chunk)] = np.bincount(owner[hits], minlength=len(chunk))
         start += len(chunk)
-    inputs, shape, start = np.zeros(len(split), dtype=np.int64), (), 0
-    if PIXELS in split.column_names:
-        for chunk in split.select_columns([PIXELS]).with_format("arrow")[:].column(0).chunks:
-            counts, chunk_shape = _inputs_per_row(chunk)
-            inputs[start:start + len(chunk)] = counts
-            start += len(chunk)
-            shape = max(shape, chunk_shape)
-    return tokens, inputs, shape
+    if TOWER_INPUTS not in split.column_names:
+        return tokens, np.zeros(len(split), dtype=np.int64), ()
+    table = split.select_columns([TOWER_INPUTS, TOWER_SHAPE]).with_format("arrow")[:]
+    inputs = table.column(TOWER_INPUTS).to_numpy().astype(np.int64)
+    shapes = table.column(TOWER_SHAPE).combine_chunks()
+    rank = int(pc.max(pc.list_value_length(shapes)).as_py() or 0)
+    ranked = shapes.filter(pc.equal(pc.list_value_length(shapes), rank))
+    if rank == 0 or len(ranked) == 0:
+        return tokens, inputs, ()
+    largest = pc.list_flatten(ranked).to_numpy().reshape(-1, rank).max(axis=0)
+    return tokens, inputs, tuple(int(n) for n in largest)
 
 
 def percentiles(values: np.ndarray) -> str:

@@ -790,10 +790,14 @@ def test_benchmark_command_runs_on_the_tiny_model(cmd, tmp_path, capsys):
     assert bench.main(args + ["--quick", "--no-subprocess"]) == 0, capsys.readouterr().out[-3000:]
     with open(tmp_path / "bench.json") as f:
         result = json.load(f)
-    asked = set(option(words, "--configs").split(","))
+    missing = {"trl"} if not importlib.util.find_spec("trl") else set()
     ran = {r["name"] for r in result["rows"]}
-    assert ran == asked - ({"trl"} if not importlib.util.find_spec("trl") else set()), ran
+    asked = set() if "--only-sweep" in words else set(option(words, "--configs").split(","))
+    assert ran == asked - missing, ran
     assert [p["tokens"] for p in result.get("sweep") or []] == ([128] if "--sweep" in words else [])
+    if "--sweep-configs" in words:
+        swept = {r["name"] for p in result["sweep"] for r in p["rows"]}
+        assert swept == set(option(words, "--sweep-configs").split(",")) - missing, swept
 
 
 @pytest.mark.parametrize("cmd", of_kind("plots"), ids=ids(of_kind("plots")))

@@ -1,10 +1,12 @@
 """dpo_accel.data.vision, the shapes task and the tiny offline VLM (dpo_accel/model/tiny_vlm.py).
 
 Proves: TRL's vision format loads with PIL images and with paths relative to the JSONL file; tokenisation
-expands each image placeholder into the model's 16 image tokens, puts labels on the answers only and keeps
-each pair's image tensors once; truncation cuts answers first, then prompt text outside the image span, never
-an image token, and drops and counts pairs that cannot fit; the collator's shapes (token type ids, image
-tensors padded and concatenated in pair order); each bad input stops with one line; text pairs train on a VLM;
+expands each image placeholder into the model's 16 image tokens, puts labels on the answers only and caches
+each pair's images (not pixel tensors: the shapes task's cache stays small) with its tower inputs; truncation
+cuts answers first, then prompt text outside the image span, never an image token, and drops and counts pairs
+that cannot fit; the collator's shapes (token type ids, image tensors padded and concatenated in pair order)
+and its image tensors, bit for bit the processor's own for those pairs' images (the tiny LLaVA, and Idefics3
+whose tile counts differ between pairs); each bad input stops with one line; text pairs train on a VLM;
 the shipped shapes data regenerates byte-identically and its chosen answers score right, its rejected ones not;
 the tiny VLM loads with the auto classes, holds SmolLM2's weights and gives a finite loss on a collated batch.
 """
@@ -26,7 +28,7 @@ from dpo_accel.data.formats import DataError
 from dpo_accel.data.tasks import shapes
 from dpo_accel.data.tokenize import format_stats
 from dpo_accel.data.vision import (VisionPreferenceCollator, concat_padded, encode_vision_pair, is_vision_dataset,
-                                   load_vision_split, load_vision_splits, normalise_vision_split,
+                                   load_vision_split, load_vision_splits, normalise_vision_split, open_image,
                                    tokenize_vision_splits, truncate_vision)
 from dpo_accel.evaluation.scorers import behaviour_scores
 
@@ -119,7 +121,8 @@ def test_pil_images_load_and_tokenise(processor):
     tokenized, stats = tokenize_vision_splits({"train": ds}, processor, cfg())
     row = tokenized["train"][0]
     assert stats["train"]["kept"] == 1 and row["chosen_input_ids"].count(processor.image_token_id) == IMAGE_TOKENS
-    assert np.asarray(row["pixel_values"]).shape == (1, 3, 32, 32)
+    assert isinstance(row["images"][0], Image.Image) and "pixel_values" not in row  # the image, not its tensors
+    assert (row["tower_inputs"], row["tower_input_shape"]) == (1, [3, 32, 32])
 
 
 # ---------------------------------------------------------------------------------------- tokenising
@@ -136,8 +139,8 @@ def test_placeholders_expand_labels_on_answers_images_once(processor, shipped_ro
             assert ids.count(processor.image_token_id) == IMAGE_TOKENS
             assert labels[:n] == [-100] * n and labels[n:] == ids[n:] and ids[-1] == tok.eos_token_id
             assert processor.image_token_id not in ids[n:]
-        assert np.asarray(row["pixel_values"]).shape == (1, 3, 32, 32)  # once per pair, not per side
-    assert not any(c.startswith(("chosen_pixel", "rejected_pixel")) for c in tokenized["train"].column_names)
+        assert row["tower_inputs"] == 1 and len(row["images"]) == 1  # once per pair, not per side
+    assert not any("pixel" in c for c in tokenized["train"].column_names)
     answer = tok.decode(tokenized["train"][0]["chosen_input_ids"][tokenized["train"][0]["prompt_length"]:])
     assert answer == shapes.answer_text(shipped_rows[0]["chosen"]) + tok.eos_token
 
@@ -145,7 +148,7 @@ def test_placeholders_expand_labels_on_answers_images_once(processor, shipped_ro
 def test_two_images_in_one_prompt(processor):
     row = {"prompt": user(None, "and", None, "Same colour?"), "chosen": "No.", "rejected": "Yes.",
            "images": [picture("red"), picture("blue")]}
-    prompt_ids, token_values, answers, images = encode_vision_pair(processor, pil_split([row])[0])
+    prompt_ids, token_values, answers, images, _ = encode_vision_pair(processor, pil_split([row])[0])
     assert prompt_ids.count(processor.image_token_id) == 2 * IMAGE_TOKENS and token_values == {}
     assert images["pixel_values"].shape == (2, 3, 32, 32)
     assert images["pixel_values"][0, 0, 0, 0] > 0.5 and images["pixel_values"][1, 0, 0, 0] < 0  # red, then blue
@@ -212,7 +215,7 @@ def test_collator_pads_text_and_concatenates_images(processor):
              "images": [picture("red"), picture("blue")]}]
     tokenized, _ = tokenize_vision_splits({"train": pil_split(rows)}, TokenTypeProcessor(processor), cfg())
     ds = tokenized["train"]
-    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
+    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)([ds[0], ds[1]])
     tc, tr = (max(len(r[f"{s}_input_ids"]) for r in ds) for s in ("chosen", "rejected"))
     assert set(batch) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
                           "rejected_attention_mask", "rejected_labels", "idx", "pixel_values",
@@ -226,14 +229,98 @@ def test_collator_pads_text_and_concatenates_images(processor):
     assert batch["pixel_values"][0, 0, 0, 0] > 0.5 and batch["pixel_values"][2, 0, 0, 0] < 0  # pair order kept
 
 
-def test_image_tensors_pad_trailing_dims_and_skip_pairs_without_images():
+def test_image_tensors_pad_trailing_dims_and_skip_pairs_without_images(processor):
     a, b = torch.ones(1, 2, 3), torch.full((2, 4, 3), 2.0)
     joined = concat_padded([a, b])
     assert joined.shape == (3, 4, 3) and joined[0, 2:].abs().sum() == 0 and joined[1:].eq(2).all()
-    row = {"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
-           "rejected_labels": [-100, 7], "idx": 0, "prompt_length": 1, "source_idx": 0}
-    batch = VisionPreferenceCollator(0)([{**row, "image_grid_thw": [[1, 2, 2]]}, {**row, "image_grid_thw": None}])
-    assert batch["image_grid_thw"].tolist() == [[1, 2, 2]] and batch["image_grid_thw"].dtype == torch.int64
+    rows = [{"prompt": user("Name a colour."), "chosen": "Red.", "rejected": "Seven.", "images": []},
+            {"prompt": user(None, "Colour?"), "chosen": "Blue.", "rejected": "Red.", "images": [picture("blue")]}]
+    ds = tokenize_vision_splits({"train": pil_split(rows)}, processor, cfg())[0]["train"]
+    assert ds["tower_inputs"] == [0, 1] and ds["tower_input_shape"] == [[], [3, 32, 32]]
+    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)(list(ds))
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)  # the pair without an image adds nothing
+    assert "pixel_values" not in VisionPreferenceCollator(0)([ds[0]])  # no images: no processor needed
+    with pytest.raises(DataError, match="given no processor"):
+        VisionPreferenceCollator(0)([ds[1]])
+
+
+def processor_batch(processor, rows: list) -> dict:
+    """The processor's own output for `rows` (tokenised pairs) in one call: their prompts' text, their images."""
+    images = [[open_image(v, "test") for v in r["images"]] for r in rows]
+    return processor(text=[r["prompt_text"] for r in rows], images=images, return_tensors="pt",
+                     add_special_tokens=False, padding=True)
+
+
+def test_collated_images_are_the_processors_own_tiny_llava(processor, shipped_rows):
+    """The collator's pixel_values for shipped pairs (paths) and in-memory pairs (encoded images) equal what the
+    processor makes of those pairs' images, bit for bit, in pair order."""
+    collate = VisionPreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)
+    on_disk = list(shipped(8, shipped_rows, processor)[0]["train"])
+    rows = [{"prompt": user(None, "Colour?"), "chosen": "Red.", "rejected": "Blue.", "images": [picture("red")]},
+            {"prompt": user(None, None, "Same?"), "chosen": "No.", "rejected": "Yes.",
+             "images": [picture("green"), picture("blue")]}]
+    in_memory = list(tokenize_vision_splits({"train": pil_split(rows)}, processor, cfg())[0]["train"])
+    for batch_rows in (on_disk, in_memory):
+        batch, own = collate(batch_rows), processor_batch(processor, batch_rows)
+        assert batch["pixel_values"].dtype == own["pixel_values"].dtype == torch.float32
+        assert torch.equal(batch["pixel_values"], own["pixel_values"])
+        for b, r in enumerate(batch_rows):  # the token ids were expanded for these very images
+            n = r["prompt_length"]
+            assert r["chosen_input_ids"][:n] == own["input_ids"][b][own["attention_mask"][b].bool()].tolist()
+
+
+@pytest.fixture(scope="module")
+def idefics3_processor(smol_dir, tmp_path_factory):
+    """SmolVLM's Idefics3 processor built offline from the shipped config folder (as inspect builds it), its
+    tiles shrunk to 64 pixels (4 image tokens each) so that a picture is a few small tiles."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from dpo_accel.config.schema import ModelConfig
+    from dpo_accel.inspect_vision import stand_in_processor
+
+    path = tmp_path_factory.mktemp("idefics3")
+    shutil.copytree(stand_in_processor(str(REPO / "model_configs" / "smolvlm-256m-instruct"),
+                                       ModelConfig(tokenizer_name_or_path=smol_dir)), path, dirs_exist_ok=True)
+    for name, changes in (("preprocessor_config.json", {"size": {"longest_edge": 256},
+                                                         "max_image_size": {"longest_edge": 64}}),
+                          ("processor_config.json", {"image_seq_len": 4})):
+        values = {**json.loads((path / name).read_text()), **changes}
+        (path / name).write_text(json.dumps(values))
+    return AutoProcessor.from_pretrained(str(path))
+
+
+def test_collated_images_are_the_processors_own_idefics3(idefics3_processor):
+    """Idefics3 splits pictures into tiles, as many as their size asks (17 for a square, 9 for a wide one here):
+    the collator's pixel_values and pixel_attention_mask, padded to the batch's most tiles, equal the
+    processor's own batch of those pairs' images; tokenisation's tower inputs count the tiles."""
+    p = idefics3_processor
+    rows = [{"prompt": user(None, "Colour?"), "chosen": "Red.", "rejected": "Blue.", "images": [picture("red")]},
+            {"prompt": user(None, "Colour?"), "chosen": "Blue.", "rejected": "Red.",
+             "images": [Image.new("RGB", (200, 90), "blue")]}]
+    ds = tokenize_vision_splits({"train": pil_split(rows)}, p, cfg(max_length=512, max_prompt_length=256))[0]
+    train = list(ds["train"])
+    assert [r["tower_inputs"] for r in train] == [17, 9] and train[0]["tower_input_shape"] == [3, 64, 64]
+    batch = VisionPreferenceCollator(p.tokenizer.pad_token_id, processor=p)(train)
+    own = processor_batch(p, train)
+    assert sorted(k for k in batch if "pixel" in k) == ["pixel_attention_mask", "pixel_values"]
+    assert batch["pixel_values"].shape == (2, 17, 3, 64, 64)
+    for key in ("pixel_values", "pixel_attention_mask"):
+        assert batch[key].dtype == own[key].dtype and torch.equal(batch[key], own[key]), key
+
+
+def test_the_shapes_cache_holds_images_not_pixels(processor, tmp_path):
+    """The shapes task's 800 train pairs tokenise into a cache of token ids, prompt text and image paths: about
+    2 MB on disk (its pixel tensors made it 12 MB; a SmolVLM pair's reach 50 MB)."""
+    raw = load_vision_split(str(SHIPPED), "train", cache_dir=str(tmp_path / "cache"))
+    source = {f["filename"] for f in raw.cache_files}
+    train = tokenize_vision_splits({"train": raw}, processor, DataConfig(max_length=128, max_prompt_length=96))[0][
+        "train"]
+    assert len(train) == 800 and not any("pixel" in c or "image_" in c for c in train.column_names)
+    assert {"images", "prompt_text", "tower_inputs", "tower_input_shape"} <= set(train.column_names)
+    written = {str(f) for f in (tmp_path / "cache").rglob("*.arrow")} - source
+    assert written and sum(os.path.getsize(f) for f in written) < 4e6
 
 
 # --------------------------------------------------------------------------------------- bad inputs
@@ -336,7 +423,7 @@ def test_tiny_vlm_loads_and_gives_a_finite_loss(vlm_dir, smol_dir, processor, sh
     assert torch.equal(model.model.language_model.layers[3].self_attn.q_proj.weight, smol_q)
     assert model.config.image_token_index == processor.image_token_id == len(processor.tokenizer) - 1
     tokenized, _ = shipped(2, shipped_rows, processor)
-    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id)(list(tokenized["train"]))
+    batch = VisionPreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)(list(tokenized["train"]))
     with torch.no_grad():
         for side in ("chosen", "rejected"):
             out = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"],

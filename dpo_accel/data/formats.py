@@ -108,12 +108,21 @@ def _split_files(folder: str, split: str) -> tuple[Optional[str], list[str]]:
 
 
 def _load_files(builder: str, files: list[str], cache_dir: Optional[str]):
+    import logging
+
     import datasets
 
+    # The builder logs a failed read at ERROR (with a traceback) before it raises; the one line below says
+    # it better, so the builder's logger is held to CRITICAL for this call.
+    builder_log = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = builder_log.level
+    builder_log.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files={"train": files}, split="train", cache_dir=cache_dir)
     except Exception as e:  # datasets' errors name neither the file nor the line: find them
         raise DataError(_unreadable(files, e)) from None
+    finally:
+        builder_log.setLevel(level)
 
 
 def _unreadable(files: list[str], error: Exception) -> str:

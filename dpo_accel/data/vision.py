@@ -18,7 +18,11 @@ Tokenisation (`tokenize_vision_splits`): the prompt goes through the processor's
 (add_generation_prompt=True) and then the processor with the pair's images, which expands each image
 placeholder into the model's image tokens; each answer is the template of prompt + answer minus the
 template of the prompt (a token prefix check, as the text path) and ends with exactly one EOS. The images
-are processed once per pair: both rows of a pair share them.
+are processed once per pair: both rows of a pair share them. The processor's image tensors are not kept: the
+cached rows hold the token ids, the prompt's template text, the pair's images as the dataset gave them (paths,
+or datasets' Image feature: the encoded file bytes) and the number and shape of its tower inputs; the collator
+runs the processor again on each pair's text and images (`pair_image_tensors`, the same call), so a batch's
+tensors are the ones tokenisation saw, and the cache holds no pixel tensors.
 
 Text-only data given to a VLM is allowed: rows without an ``images`` column (the text path's normalised
 rows: string or message prompts, string or message answers) are tokenised the same way, without images,
@@ -41,9 +45,10 @@ Batch contract (`VisionPreferenceCollator`, read by the model code)::
                                                                   processor returns token_type_ids (its values
                                                                   on the prompt, 0 on answer and padding)
     pixel_values and the processor's other image outputs under its own names (image_grid_thw,
-    pixel_attention_mask, image_sizes, ...): each pair's tensors ONCE, concatenated along dim 0 in pair
-    order (trailing dims zero-padded to the batch's largest where pairs differ); floats float32, integers
-    int64, masks bool; absent when no pair of the batch has an image.
+    pixel_attention_mask, image_sizes, ...), made by the collator's processor from each pair's images:
+    each pair's tensors ONCE, concatenated along dim 0 in pair order (trailing dims zero-padded to the
+    batch's largest where pairs differ); floats float32, integers int64, masks bool; absent when no pair of
+    the batch has an image.
 
 Both rows of a pair show the same images, so a forward of the rows concatenated as [chosen; rejected]
 passes each image tensor twice (``torch.cat([v, v])``), and the two sides separately pass it once each.
@@ -71,13 +76,13 @@ TEXT_KEYS = ("input_ids", "attention_mask") + TOKEN_KEYS
 # Tokens of an image's expansion besides the placeholder itself, by the processor attribute naming them.
 IMAGE_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "image_start_token", "image_end_token",
                      "vision_start_token", "vision_end_token", "fake_image_token", "global_image_token")
-ROW_COLUMNS = frozenset({"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
-                         "prompt_length", "source_idx", "idx", "label", "margin"}
-                        | {f"{side}_{k}" for side in ("chosen", "rejected") for k in TOKEN_KEYS})
+PROMPT_TEXT = "prompt_text"  # the prompt's chat-template text, which the collator gives the processor again
+TOWER_INPUTS, TOWER_SHAPE = "tower_inputs", "tower_input_shape"  # per pair, for inspect (`tower_inputs`)
 STATUS_KEPT, STATUS_TRUNCATED, STATUS_DROPPED = 0, 1, 2
 HELPERS = ("_status", "_raw_length", "chosen_length", "rejected_length")
 DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-WRITER_BATCH = 16  # tokenised rows held before each cache write: a pair's pixels reach 50 MB (17 SmolVLM tiles)
+WRITER_BATCH = 100  # rows held before each cache write: token ids and the images' encoded bytes (datasets' own
+#                    row-group size for image data), not pixel tensors
 _CODE_HASH = hashlib.sha256(open(os.path.abspath(__file__), "rb").read()).hexdigest()[:16]
 
 
@@ -346,22 +351,38 @@ def _encode(tok, text: str) -> list:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def process_prompt(processor, text: str, images: list) -> tuple:
+    """(the processor's output, {image key: array}) of a prompt's template text and its images: the one call
+    tokenisation, the collator and generation share, so that all three make the same image tensors."""
+    enc = processor(text=[text], images=images or None, return_tensors="np", add_special_tokens=False)
+    return enc, ({k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS} if images else {})
+
+
 def encode_vision_prompt(processor, row: dict, i: int = 0, split: str = "train") -> tuple:
     """(prompt messages, chat-template text, prompt ids with image tokens, {token key: prompt values},
     {image key: array}) of row `i`: the prompt as training and generation both see it."""
     prompt = as_part_messages(row["prompt"], i, split, "prompt")
     text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     images = [open_image(v, f"row {i} of split '{split}'") for v in (row.get(IMAGES) or [])]
-    enc = processor(text=[text], images=images or None, return_tensors="np", add_special_tokens=False)
+    enc, image_values = process_prompt(processor, text, images)
     prompt_ids = [int(t) for t in enc["input_ids"][0]]
     token_values = {k: [int(t) for t in enc[k][0]] for k in TOKEN_KEYS if k in enc}
-    image_values = {k: np.asarray(v) for k, v in enc.items() if k not in TEXT_KEYS} if images else {}
     return prompt, text, prompt_ids, token_values, image_values
 
 
+def tower_inputs(image_values: dict) -> tuple:
+    """(tower inputs, one input's shape) of a pair's pixel array: the images or tiles the vision tower runs are
+    every dim but the last three (channels x height x width), or the rows of a 2-dim array (patch rows)."""
+    pixels = image_values.get("pixel_values")
+    if pixels is None:
+        return 0, np.zeros(0, dtype=np.int64)
+    inner = 3 if pixels.ndim >= 4 else 1
+    return int(np.prod(pixels.shape[:-inner])), np.asarray(pixels.shape[-inner:], dtype=np.int64)
+
+
 def encode_vision_pair(processor, row: dict, i: int = 0, split: str = "train") -> tuple:
-    """(prompt ids with image tokens, {token key: prompt values}, [chosen ids, rejected ids], {image key: array})
-    of row `i` before truncation; each answer ends with exactly one EOS."""
+    """(prompt ids with image tokens, {token key: prompt values}, [chosen ids, rejected ids], {image key: array},
+    the prompt's template text) of row `i` before truncation; each answer ends with exactly one EOS."""
     tok, where = processor.tokenizer, f"row {i} of split '{split}'"
     prompt, text, prompt_ids, token_values, image_values = encode_vision_prompt(processor, row, i, split)
     base = _encode(tok, text)
@@ -376,7 +397,7 @@ def encode_vision_pair(processor, row: dict, i: int = 0, split: str = "train") -
         ids = full[len(base):]
         ends = [j for j, t in enumerate(ids) if t == tok.eos_token_id]
         answers.append(ids[:ends[-1] + 1] if ends else ids + [tok.eos_token_id])
-    return prompt_ids, token_values, answers, image_values
+    return prompt_ids, token_values, answers, image_values, text
 
 
 def truncate_vision(prompt_ids: list, answers: list, max_length: int, max_prompt_length: int,
@@ -402,11 +423,12 @@ def truncate_vision(prompt_ids: list, answers: list, max_length: int, max_prompt
 
 
 def tokenize_vision_row(row: dict, i: int, processor, max_length: int, max_prompt_length: int,
-                        truncation_mode: str, image_ids: list, image_keys: list, split: str) -> dict:
-    """One normalised row -> token columns, the pair's image arrays (None under `image_keys` for a pair without
-    images), helper columns for the statistics. Dropped (as the text path): the image span does not fit, an
-    answer is left empty, or the answers are identical after truncation. Picklable for datasets.map."""
-    prompt_ids, token_values, answers, image_values = encode_vision_pair(processor, row, i, split)
+                        truncation_mode: str, image_ids: list, split: str) -> dict:
+    """One normalised row -> token columns, the prompt's template text, its tower inputs (count and shape; the
+    image arrays themselves are dropped), helper columns for the statistics. Dropped (as the text path): the
+    image span does not fit, an answer is left empty, or the answers are identical after truncation.
+    Picklable for datasets.map."""
+    prompt_ids, token_values, answers, image_values, text = encode_vision_pair(processor, row, i, split)
     raw_length = len(prompt_ids) + max(len(a) for a in answers)
     keep, answers, truncated = truncate_vision(prompt_ids, answers, max_length, max_prompt_length,
                                                truncation_mode, set(image_ids))
@@ -421,23 +443,9 @@ def tokenize_vision_row(row: dict, i: int, processor, max_length: int, max_promp
         out[f"{side}_length"] = len(prompt) + len(ids)
         for key, values in token_values.items():
             out[f"{side}_{key}"] = [values[j] for j in keep] + [0] * len(ids)
-    out.update({key: image_values.get(key) for key in image_keys})
+    out[TOWER_INPUTS], out[TOWER_SHAPE] = tower_inputs(image_values)  # an int64 array even when empty
+    out[PROMPT_TEXT] = text
     return out
-
-
-def image_output_keys(ds, processor, split: str) -> list:
-    """The processor's image outputs for this split (pixel_values, image_grid_thw, ...), read off its first
-    row with images ([] when none has one), so rows without images fill the same columns with None."""
-    import pyarrow.compute as pc
-
-    if not is_vision_dataset(ds):
-        return []
-    counts = pc.list_value_length(ds.select_columns([IMAGES]).with_format("arrow")[:].column(IMAGES)).to_numpy(
-        zero_copy_only=False)
-    first = np.flatnonzero(np.nan_to_num(counts.astype(float)) > 0)
-    if first.size == 0:
-        return []
-    return sorted(encode_vision_pair(processor, ds[int(first[0])], int(first[0]), split)[3])
 
 
 def processor_fingerprint(processor) -> str:
@@ -473,9 +481,11 @@ def tokenize_vision_splits(splits, processor, cfg: DataConfig) -> tuple:
     """Tokenise normalised splits (vision rows, or text pairs) with a processor: (DatasetDict, {split: stats}).
 
     Row columns: chosen/rejected _input_ids and _labels, prompt_length, source_idx, idx (as the text path),
-    chosen/rejected _token_type_ids where the processor gives them, and the pair's image arrays under the
-    processor's names (None on a pair without images). Cached like the text path: the fingerprint covers
-    the split, the processor (`processor_fingerprint`), the truncation settings and this module's source.
+    chosen/rejected _token_type_ids where the processor gives them, prompt_text, tower_inputs and
+    tower_input_shape, and the split's own images column where it has one (paths or encoded images, as
+    stored; no pixel arrays: `VisionPreferenceCollator` makes them). Cached like the text path: the
+    fingerprint covers the split, the processor (`processor_fingerprint`), the truncation settings and this
+    module's source.
     """
     import datasets
 
@@ -492,9 +502,9 @@ def tokenize_vision_splits(splits, processor, cfg: DataConfig) -> tuple:
     out, stats = {}, {}
     for key, ds in splits.items():
         fn_kwargs = dict(processor=processor, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                         truncation_mode=cfg.truncation_mode, image_ids=image_ids, split=key,
-                         image_keys=image_output_keys(ds, processor, key))
-        mapped = ds.map(tokenize_vision_row, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
+                         truncation_mode=cfg.truncation_mode, image_ids=image_ids, split=key)
+        drop = [c for c in ds.column_names if c != IMAGES]  # the images stay as stored, for the collator
+        mapped = ds.map(tokenize_vision_row, with_indices=True, remove_columns=drop, num_proc=cfg.num_proc,
                         fn_kwargs=fn_kwargs, writer_batch_size=WRITER_BATCH,
                         new_fingerprint=content_hash("vision-tokenize", _CODE_HASH, ds._fingerprint,
                                                      processor_fingerprint(processor), settings),
@@ -538,16 +548,23 @@ def concat_padded(tensors: list) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
+def pair_image_tensors(processor, row: dict) -> dict:
+    """{image key: tensor} of one tokenised pair: its images through `process_prompt` with its prompt text, the
+    call tokenisation made, so the tensors are the ones its token ids were expanded for."""
+    where = f"pair {row.get('idx')} of a batch"
+    images = [open_image(v, where) for v in row[IMAGES]]
+    return {key: as_tensor(value) for key, value in process_prompt(processor, row[PROMPT_TEXT], images)[1].items()}
+
+
 class VisionPreferenceCollator:
     """Rows of `tokenize_vision_splits` -> one batch, the module docstring's contract: text keys right-padded
     by the text path's `PreferenceCollator`, token type ids padded with 0 to the same widths, image tensors
-    concatenated in pair order. `image_keys`: the image columns (default: every column the text path does
-    not know)."""
+    made by `processor` from each pair's images (`pair_image_tensors`) and concatenated in pair order. Rows
+    without images need no processor."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None,
-                 image_keys: Optional[list] = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None, processor=None):
         self.text = PreferenceCollator(pad_token_id, pad_to_multiple_of)
-        self.image_keys = image_keys
+        self.processor = processor
 
     def __call__(self, rows: list) -> dict:
         batch = self.text(rows)
@@ -560,9 +577,15 @@ class VisionPreferenceCollator:
                     for b, r in enumerate(rows):
                         values[b, :len(r[name])] = torch.as_tensor(r[name], dtype=torch.long)
                     batch[name] = values
-        keys = self.image_keys if self.image_keys is not None else [k for k in rows[0] if k not in ROW_COLUMNS]
-        for key in keys:
-            present = [as_tensor(r[key]) for r in rows if r.get(key) is not None]
-            if present:
-                batch[key] = concat_padded(present)
+        batch.update(self.image_tensors(rows))
         return batch
+
+    def image_tensors(self, rows: list) -> dict:
+        """Each pair's image tensors once, joined per key in pair order ({} when no pair has an image)."""
+        with_images = [r for r in rows if r.get(IMAGES)]
+        if with_images and self.processor is None:
+            raise DataError("these rows have images but VisionPreferenceCollator was given no processor; pass "
+                            "processor= (the model's processor, which makes the image tensors)")
+        pairs = [pair_image_tensors(self.processor, r) for r in with_images]
+        return {key: concat_padded([p[key] for p in pairs if key in p])
+                for key in sorted({k for p in pairs for k in p})}

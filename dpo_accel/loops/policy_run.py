@@ -278,7 +278,7 @@ def vision_policy(plan: Plan, accelerator, model_path: str) -> Policy:
     raw, tokenized, stats = build_vision_data(accelerator, recipe, processor)
     model = VisionLogpsModel(load_vision_policy(recipe.model, recipe.lora, model_path), chunk_size=t.logps_chunk_size,
                              chunk_mb=t.logps_chunk_mb, wpo=plan.objective.wpo, prefix_sharing=t.prefix_sharing)
-    collator = VisionPreferenceCollator(processor.tokenizer.pad_token_id)
+    collator = VisionPreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)
     return Policy(processor.tokenizer, processor, raw, tokenized, stats, model, collator)
 
 
