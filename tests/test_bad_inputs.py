@@ -203,6 +203,8 @@ CASES = [
     # the recipe file, the model files, the machine
     ("recipe top level list", [], ["--recipe", "{list_recipe}"], "must be a YAML mapping of sections", "recipe"),
     ("num_proc 0", ["data.num_proc=0"], [], "data.num_proc must be null or at least 1", "recipe"),
+    ("dataloader workers -1", ["data.dataloader_num_workers=-1"], [], "data.dataloader_num_workers must be 0",
+     "recipe"),
     ("model safetensors truncated", ["model.model_name_or_path={cut_model}"], [], "is truncated or damaged",
      "recipe"),
 ]

@@ -73,7 +73,9 @@ def test_every_reference_mode_trains_the_tiny_llava(mode, llava_dir, shapes_dir,
 
 def test_resume_with_a_trained_projector_is_exact(llava_dir, shapes_dir, tmp_path):
     """4 steps straight == stopped after step 2 and resumed: per-step metrics and the exported adapter (LoRA
-    plus the projector's trained copy); the vision tower never changes."""
+    plus the projector's trained copy); the vision tower never changes. The resumed run collates in 2
+    DataLoader workers (data.dataloader_num_workers), the straight one in the training process: the workers
+    make the same image tensors for the same batches in the same order."""
     from safetensors.torch import load_file
 
     out = str(tmp_path / "run")
@@ -85,7 +87,7 @@ def test_resume_with_a_trained_projector_is_exact(llava_dir, shapes_dir, tmp_pat
     assert any("multi_modal_projector" in k for k in weights) and not any("vision_tower" in k for k in weights)
     stop_after(out, 2)
     reset_accelerate()
-    train.run(load_recipe(None, overrides), resume=True)
+    train.run(load_recipe(None, overrides + ["data.dataloader_num_workers=2"]), resume=True)
     assert [r["step"] for r in steps(out)] == [1, 2, 3, 4]
     for a, b in zip(straight, steps(out)):
         for key in ("loss", "grad_norm", "rewards/margins"):

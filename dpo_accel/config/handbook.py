@@ -52,6 +52,7 @@ FLAT = {
     "truncation_mode": "data.truncation_mode",
     "preprocessing_num_workers": "data.num_proc",
     "dataset_num_proc": "data.num_proc",
+    "dataloader_num_workers": "data.dataloader_num_workers",
     "loss_type": "loss.loss_type",
     "loss_weights": "loss.loss_weights",
     "beta": "loss.beta",

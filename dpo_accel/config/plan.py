@@ -37,7 +37,7 @@ from dpo_accel.config.schema import Recipe, recipe_to_dict, validate
 # Keys that decide which pairs form which optimizer step: a resumed run must keep them, or it continues at
 # another position in the data. data.num_proc (tokenisation workers) and data.max_eval_samples do not.
 POSITION_KEYS = ("train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed")
-NOT_POSITION = ("data.num_proc", "data.max_eval_samples")
+NOT_POSITION = ("data.num_proc", "data.dataloader_num_workers", "data.max_eval_samples")
 # Keys whose values the restored optimizer and scheduler state carry (a new value would be silently ignored:
 # the scheduler's base learning rates come back from the checkpoint), or that shape the saved weights.
 STATE_KEYS = ("train.learning_rate", "train.optimizer", "train.weight_decay", "train.lr_scheduler_type",

@@ -76,6 +76,7 @@ class DataConfig:
     max_train_samples: Optional[int] = None  # cap on training pairs (after shuffling with the seed)
     max_eval_samples: Optional[int] = None  # cap on held-out pairs (the first ones, after the seeded shuffle)
     num_proc: Optional[int] = None  # datasets.map workers for tokenisation
+    dataloader_num_workers: int = 0  # processes that collate batches while the model trains (0: in the training process)
     group_by_length: bool = True  # length-grouped batches (shuffled mega-batches sorted by length)
     # Several sources instead of dataset_name, the alignment-handbook's block: {datasets: [{id, config, split,
     # columns, weight | rows, format, eval_split}], seed, test_split_size}; see dpo_accel/config/mixture.py
@@ -326,6 +327,9 @@ def check_numbers(recipe: Recipe) -> None:
         raise RecipeError(f"train.seed must be >= 0, got {t.seed}")
     if t.max_grad_norm < 0:
         raise RecipeError(f"train.max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}")
+    if recipe.data.dataloader_num_workers < 0:
+        raise RecipeError(f"data.dataloader_num_workers must be 0 (collate in the training process) or more, "
+                          f"got {recipe.data.dataloader_num_workers}")
     if recipe.data.num_proc is not None and recipe.data.num_proc < 1:
         raise RecipeError(f"data.num_proc must be null or at least 1 (tokenisation workers for datasets.map), "
                           f"got {recipe.data.num_proc}")

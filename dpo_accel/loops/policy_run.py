@@ -178,10 +178,12 @@ def build_loaders(plan: Plan, tokenized, tokenizer, collator=None):
         sampler = LengthGroupedSampler(lengths, g.per_device * g.processes, seed=t.seed)
     else:
         sampler = EpochRandomSampler(len(train), t.seed)
-    train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator)
+    workers = d.dataloader_num_workers  # batches keep their order: workers only collate ahead of the step
+    train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator, num_workers=workers)
     eval_loader = None
     if "eval" in tokenized and len(tokenized["eval"]) and plan.recipe.eval.do_eval:
-        eval_loader = DataLoader(tokenized["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator)
+        eval_loader = DataLoader(tokenized["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator,
+                                 num_workers=workers)
     return train_loader, eval_loader, sampler, collator
 
 

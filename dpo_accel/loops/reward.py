@@ -215,10 +215,12 @@ def reward_loaders(plan, splits: dict, tokenizer):
         sampler = LengthGroupedSampler(lengths, g.per_device * g.processes, seed=t.seed)
     else:
         sampler = EpochRandomSampler(len(train), t.seed)
-    train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator)
+    workers = plan.recipe.data.dataloader_num_workers
+    train_loader = DataLoader(train, batch_size=g.per_device, sampler=sampler, collate_fn=collator, num_workers=workers)
     eval_loader = None
     if splits.get("eval") and plan.recipe.eval.do_eval:
-        eval_loader = DataLoader(splits["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator)
+        eval_loader = DataLoader(splits["eval"], batch_size=t.per_device_eval_batch_size, collate_fn=collator,
+                                 num_workers=workers)
     return train_loader, eval_loader, sampler
 
 
