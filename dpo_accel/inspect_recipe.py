@@ -362,7 +362,9 @@ def estimate(recipe: Recipe, facts: ModelFacts, config, mode: str, layout: str, 
 
     weight_bytes = DTYPE_BYTES[recipe.model.dtype]
     reference = "copy" if mode == "copy" else mode
-    state = memory_per_device(backend, processes, facts.params, facts.trainable, reference, weight_bytes)
+    trained_bytes = 4 if recipe.lora.use_peft else weight_bytes  # a LoRA adapter is float32 whatever the base
+    state = memory_per_device(backend, processes, facts.params, facts.trainable, reference, weight_bytes,
+                              trained_bytes)
     weights = state.weights
     if recipe.model.load_in_4bit:
         frozen = facts.params - (facts.trainable if recipe.lora.use_peft else 0)

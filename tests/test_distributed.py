@@ -531,6 +531,9 @@ def test_memory_plan_per_backend():
     from dpo_accel.model.distributed import memory_per_device
 
     assert memory_per_device("single", 1, 100, 100, "copy").total == 400 + 400 + 800 + 400
+    # bf16 weights trained in full: bf16 gradients and AdamW moments; a LoRA adapter stays float32 over a bf16 base
+    assert memory_per_device("single", 1, 100, 100, "copy", 2, 2).total == 200 + 200 + 400 + 200
+    assert memory_per_device("single", 1, 100, 10, "adapter_off", 2, 4).total == 200 + 40 + 80
     assert memory_per_device("ddp", 4, 100, 100, "copy").gradients == 800  # + the DDP bucket copy
     assert memory_per_device("fsdp2", 4, 100, 100, "copy").total == (400 + 400 + 800 + 400) / 4
     z2 = memory_per_device("zero2", 4, 100, 100, "copy")
