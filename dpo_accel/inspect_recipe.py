@@ -186,22 +186,10 @@ class ModelFacts:
     model_type: str
 
 
-_CACHE: dict = {}
-
-
-def _memo(kind: str, config, recipe: Recipe, *extra):
-    """A key for results that depend on the config and the recipe's model/LoRA keys only (the fit search
-    re-estimates one recipe under several settings)."""
-    import dataclasses as dc
-
-    return (kind, config.to_json_string(), repr(dc.astuple(recipe.lora)), recipe.model.attn_implementation, extra)
-
-
 def model_facts(config, recipe: Recipe) -> ModelFacts:
-    key = _memo("facts", config, recipe)
-    if key not in _CACHE:
-        _CACHE[key] = _model_facts(config, recipe)
-    return _CACHE[key]
+    from dpo_accel.inspect_vision import memoised
+
+    return memoised("facts", config, recipe, (), lambda: _model_facts(config, recipe))
 
 
 def _model_facts(config, recipe: Recipe) -> ModelFacts:
@@ -220,10 +208,10 @@ def _model_facts(config, recipe: Recipe) -> ModelFacts:
 def saved_bytes(config, recipe: Recipe, rows: int, width: int, compute_dtype) -> tuple:
     """(bytes autograd saves for backward in the decoder body, of which per layer) for one micro-batch of
     [rows, width] tokens, from forwards of the meta model with 1 and 2 layers."""
-    key = _memo("saved", config, recipe, rows, width, str(compute_dtype))
-    if key not in _CACHE:
-        _CACHE[key] = _saved_bytes(config, recipe, rows, width, compute_dtype)
-    return _CACHE[key]
+    from dpo_accel.inspect_vision import memoised
+
+    return memoised("saved", config, recipe, (rows, width, str(compute_dtype)),
+                    lambda: _saved_bytes(config, recipe, rows, width, compute_dtype))
 
 
 def _saved_bytes(config, recipe: Recipe, rows: int, width: int, compute_dtype) -> tuple:

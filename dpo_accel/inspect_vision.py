@@ -275,22 +275,22 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-_CACHE: dict = {}
+_RESULTS: dict = {}
 
 
-def _memo(kind: str, config, recipe: Recipe, *extra) -> tuple:
-    """A key for results that depend on the config and the recipe's model / LoRA keys only (the fit search asks
-    again under other settings)."""
-    return (kind, config.to_json_string(), repr(dataclasses.astuple(recipe.lora)), recipe.model.attn_implementation,
-            extra)
+def memoised(kind: str, config, recipe: Recipe, extra: tuple, build):
+    """``build()``, computed once for a result that depends on the config, the recipe's model / LoRA keys and
+    `extra` only: the fit search estimates one recipe again under several settings."""
+    key = (kind, config.to_json_string(), repr(dataclasses.astuple(recipe.lora)), recipe.model.attn_implementation,
+           extra)
+    if key not in _RESULTS:
+        _RESULTS[key] = build()
+    return _RESULTS[key]
 
 
 def vision_params(config, recipe: Recipe) -> VisionParams:
     """`VisionParams` of the meta model with the recipe's LoRA."""
-    key = _memo("params", config, recipe)
-    if key not in _CACHE:
-        _CACHE[key] = _vision_params(config, recipe)
-    return _CACHE[key]
+    return memoised("params", config, recipe, (), lambda: _vision_params(config, recipe))
 
 
 def _vision_params(config, recipe: Recipe) -> VisionParams:
@@ -372,10 +372,8 @@ def tower_forward(model, shape: tuple, dtype, *modes) -> tuple:
 def tower_bytes(vision: VisionData, recipe: Recipe, inputs: int, dtype_name: str) -> tuple:
     """(the frozen tower's forward working set, what autograd saves for a trained projector) for `inputs` tower
     inputs in one forward, in bytes: one input traced, times `inputs`."""
-    key = _memo("tower", vision.config, recipe, tuple(vision.input_shape), dtype_name)
-    if key not in _CACHE:
-        _CACHE[key] = _tower_bytes(vision, recipe, dtype_name)
-    working, saved = _CACHE[key]
+    working, saved = memoised("tower", vision.config, recipe, (tuple(vision.input_shape), dtype_name),
+                              lambda: _tower_bytes(vision, recipe, dtype_name))
     return working * inputs, saved * inputs
 
 
