@@ -32,6 +32,23 @@ def gathered_policy(accelerator, model):
     return gathered_copy(hf_model, state).to(accelerator.device) if accelerator.is_main_process else None
 
 
+def main_process_answers(accelerator, model, generate, what: str = "") -> Optional[tuple]:
+    """(answers, seconds) of ``generate(hf_model)`` on the main process, None on the others: the policy is
+    gathered where it is sharded, and ZeRO-3's collectives are off while only this process generates. Every
+    process must call it."""
+    hf_model = gathered_policy(accelerator, model)
+    done = None
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        with one_process_zero3_off():  # only this process generates
+            answers = generate(hf_model)
+        seconds = time.perf_counter() - start
+        log(f"generated {len(answers)} held-out answers{what} in {seconds:.1f} s")
+        done = answers, seconds
+    accelerator.wait_for_everyone()
+    return done
+
+
 def generation_report(accelerator, model, tokenizer, prompts: list, max_new_tokens: int,
                       behaviour: Optional[str], sampling: Optional[dict] = None, rows: Optional[list] = None,
                       regex: Optional[str] = None) -> dict:
@@ -41,22 +58,16 @@ def generation_report(accelerator, model, tokenizer, prompts: list, max_new_toke
     must call it; only the main process generates."""
     if not prompts:
         return {}
-    hf_model = gathered_policy(accelerator, model)
-    report = {}
-    if accelerator.is_main_process:
-        start = time.perf_counter()
-        with one_process_zero3_off():  # only this process generates
-            answers = generate_answers(hf_model, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast,
-                                       **(sampling or {}))
-        seconds = time.perf_counter() - start
-        log(f"generated {len(answers)} held-out answers in {seconds:.1f} s")
-        k = len(answers) // len(prompts)  # num_return_sequences: each prompt's answers are consecutive
-        prompts, rows = [p for p in prompts for _ in range(k)], rows and [r for r in rows for _ in range(k)]
-        report = {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
-                  "samples": [{"prompt": p, "answer": a, **({"chosen": rows[i]["chosen"]} if rows else {})}
-                              for i, (p, a) in enumerate(zip(prompts, answers))]}
-    accelerator.wait_for_everyone()
-    return report
+    done = main_process_answers(accelerator, model, lambda m: generate_answers(
+        m, tokenizer, prompts, max_new_tokens, autocast=accelerator.autocast, **(sampling or {})))
+    if done is None:
+        return {}
+    answers, seconds = done
+    k = len(answers) // len(prompts)  # num_return_sequences: each prompt's answers are consecutive
+    prompts, rows = [p for p in prompts for _ in range(k)], rows and [r for r in rows for _ in range(k)]
+    return {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
+            "samples": [{"prompt": p, "answer": a, **({"chosen": rows[i]["chosen"]} if rows else {})}
+                        for i, (p, a) in enumerate(zip(prompts, answers))]}
 
 
 def generate_on_every_process(accelerator, model, tokenizer, prompts: list, max_new_tokens: int, seed: int,
@@ -257,21 +268,16 @@ def vision_generation_report(accelerator, model, processor, rows: list, max_new_
     Every process must call it; only the main process generates."""
     if not rows:
         return {}
-    hf_model = gathered_policy(accelerator, model)
-    report = {}
-    if accelerator.is_main_process:
-        start = time.perf_counter()
-        with one_process_zero3_off():
-            answers = generate_vision_answers(hf_model, processor, rows, max_new_tokens,
-                                              autocast=accelerator.autocast, **(sampling or {}))
-        seconds = time.perf_counter() - start
-        log(f"generated {len(answers)} held-out answers to image prompts in {seconds:.1f} s")
-        k = len(answers) // len(rows)  # num_return_sequences: each prompt's answers are consecutive
-        rows = [r for r in rows for _ in range(k)]
-        prompts = [message_text(r["prompt"]) for r in rows]
-        report = {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
-                  "samples": [{"prompt": p, "images": [v if isinstance(v, str) else "(in the dataset)" for v in r.get("images") or []], "answer": a,
-                               "chosen": message_text(r["chosen"], last_only=True)}
-                              for p, r, a in zip(prompts, rows, answers)]}
-    accelerator.wait_for_everyone()
-    return report
+    done = main_process_answers(accelerator, model, lambda m: generate_vision_answers(
+        m, processor, rows, max_new_tokens, autocast=accelerator.autocast, **(sampling or {})), " to image prompts")
+    if done is None:
+        return {}
+    answers, seconds = done
+    k = len(answers) // len(rows)  # num_return_sequences: each prompt's answers are consecutive
+    rows = [r for r in rows for _ in range(k)]
+    prompts = [message_text(r["prompt"]) for r in rows]
+    samples = [{"prompt": p, "answer": a, "chosen": message_text(r["chosen"], last_only=True),
+                "images": [v if isinstance(v, str) else "(in the dataset)" for v in r.get("images") or []]}
+               for p, r, a in zip(prompts, rows, answers)]
+    return {"scores": behaviour_scores(behaviour, prompts, answers, rows, regex), "seconds": seconds,
+            "samples": samples}
