@@ -101,16 +101,25 @@ REWARD_MODEL_REFUSES = (
 )
 
 
+def first_refused(recipe, refuses) -> Optional[tuple]:
+    """(key, its value, what to set instead) for the first of `refuses` ((key, the value that asks for it, or
+    "set" for any value but null, what to set instead)) that the recipe asks for; None when it asks for none."""
+    for key, asks, instead in refuses:
+        section, leaf = key.split(".")
+        value = getattr(getattr(recipe, section), leaf)
+        if (value is not None) if asks == "set" else value == asks:
+            return key, value, instead
+    return None
+
+
 def check_loop_kind(recipe) -> Optional[str]:
     """A key that the recipe's loop kind would silently ignore (None: nothing)."""
     if "bradley_terry" not in loss_types(recipe):
         return None
-    for key, asks, instead in REWARD_MODEL_REFUSES:
-        section, leaf = key.split(".")
-        value = getattr(getattr(recipe, section), leaf)
-        if (value is not None) if asks == "set" else value == asks:
-            return (f"{key} is {value!r}, which a reward model (loss_type bradley_terry) cannot use; set {key}: "
-                    f"{instead}")
+    hit = first_refused(recipe, REWARD_MODEL_REFUSES)
+    if hit:
+        key, value, instead = hit
+        return f"{key} is {value!r}, which a reward model (loss_type bradley_terry) cannot use; set {key}: {instead}"
     if recipe.eval.generation_prompts:
         return ("eval.generation_prompts: a reward model (loss_type bradley_terry) does not generate; set "
                 "eval.generation_prompts: 0")
@@ -141,10 +150,9 @@ def check_vision(recipe, family: str) -> Optional[str]:
     if "bradley_terry" in types or "kto" in types or recipe.data.format in ("sft", "unpaired"):
         return (f"a vision-language model (model type '{family}') trains on preference pairs; loss_type "
                 f"{recipe.loss.loss_type!r} / data.format '{recipe.data.format}' is not supported with images yet")
-    for key, asks, instead in VISION_REFUSES:
-        section, leaf = key.split(".")
-        value = getattr(getattr(recipe, section), leaf)
-        if (value is not None) if asks == "set" else value == asks:
-            return (f"{key} is {value!r}, which the vision-language model's log-prob path (model type '{family}') "
-                    f"does not support; set {key}: {instead}")
+    hit = first_refused(recipe, VISION_REFUSES)
+    if hit:
+        key, value, instead = hit
+        return (f"{key} is {value!r}, which the vision-language model's log-prob path (model type '{family}') "
+                f"does not support; set {key}: {instead}")
     return None
